@@ -171,6 +171,27 @@ def verify_complete(path: str | os.PathLike, what: str, rebuild_hint: str) -> Pa
     return path
 
 
+def remove_stale_partials(parent: str | os.PathLike, pattern: str = ".*.partial-*") -> None:
+    """Delete temp dirs of :func:`atomic_directory` whose writer process is gone (a kill).
+
+    Temp dirs of live processes (a concurrent multirun job) are kept.
+    """
+    for tmp in Path(parent).glob(pattern):
+        pid = tmp.name.rsplit(".partial-", 1)[-1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name; publish it by rename when done.

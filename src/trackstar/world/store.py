@@ -13,7 +13,6 @@ Layout of a world directory (release schemas, SPEC §2.1)::
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..io import (
     is_complete,
     read_json,
     read_jsonl,
+    remove_stale_partials,
     sha256_dir,
     sha256_file,
     verify_complete,
@@ -101,24 +101,6 @@ def write_world(world, out_dir: Path) -> None:
     )
 
 
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Delete temp dirs left by killed builds of ``out_dir`` (their writer is gone)."""
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        pid = tmp.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0) -> Path:
     """Build the world of (profile, seed) into ``out_dir``, or reuse it if already built.
 
@@ -129,7 +111,7 @@ def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0
     prof = get_profile(profile)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir.parent, "World output directory's parent")
-    _remove_stale_partials(out_dir)
+    remove_stale_partials(out_dir.parent, f".{out_dir.name}.partial-*")
     if out_dir.exists():
         if not is_complete(out_dir):
             raise ArtifactError(

@@ -1,0 +1,149 @@
+"""The ``trackstar`` command: build the embedded world, pretrain our own LMs, run the quick job.
+
+    trackstar world    --profile tiny --seed 0            build (or reuse) a fact world
+    trackstar pretrain --world PATH --size tiny            pretrain (or resume) a model on it
+    trackstar quick                                        world + model + fact accuracy per bucket
+
+Artifacts go under ``--artifacts`` (default ``$TRACKSTAR_ARTIFACTS`` or
+``./artifacts``), addressed by the settings that determine them, so re-running
+reuses what is finished and resumes what was killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .io import ArtifactError, read_json
+
+
+def _artifacts_root(value: str | None) -> Path:
+    return Path(value or os.environ.get("TRACKSTAR_ARTIFACTS", "artifacts"))
+
+
+def world_dir(root: Path, profile: str, seed: int) -> Path:
+    return root / "worlds" / f"{profile}-s{seed}"
+
+
+def model_dir(root: Path, world: Path, config) -> Path:
+    from .lm.pretrain import run_key
+
+    manifest = read_json(world / "manifest.json")
+    return root / "models" / f"{world.name}" / f"{config.family}-{config.size}-{config.optimizer}-s{config.seed}-{run_key(config, manifest)[:8]}"
+
+
+def _pretrain_config(args):
+    from .lm.pretrain import PretrainConfig
+
+    overrides = {"family": args.family, "optimizer": args.optimizer, "seed": args.model_seed}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    return PretrainConfig.preset(args.size, **overrides)
+
+
+def cmd_world(args) -> Path:
+    from .world import build_world
+
+    out = Path(args.out) if args.out else world_dir(_artifacts_root(args.artifacts), args.profile, args.seed)
+    t0 = time.perf_counter()
+    path = build_world(out, args.profile, args.seed)
+    counts = read_json(path / "manifest.json")["counts"]
+    print(
+        f"world {args.profile} seed={args.seed} at {path} ({time.perf_counter() - t0:.1f}s): "
+        f"{counts['facts']} facts, {counts['sentences']} closed-set sentences, "
+        f"{counts['documents']} documents, {counts['queries']} queries"
+    )
+    return path
+
+
+def cmd_pretrain(args, world: Path | None = None) -> Path:
+    from .lm.pretrain import final_checkpoint, pretrain_model
+
+    world = Path(world or args.world)
+    if not (world / "manifest.json").is_file():
+        raise ArtifactError(f"--world {str(world)!r} is not a built world. Build one with `trackstar world`.")
+    config = _pretrain_config(args)
+    out = Path(args.out) if getattr(args, "out", None) else model_dir(_artifacts_root(args.artifacts), world, config)
+    t0 = time.perf_counter()
+    pretrain_model(world, out, config)
+    summary = read_json(out / "pretrain.json")
+    print(
+        f"model {config.family}-{config.size} ({summary['n_parameters']:,} parameters, "
+        f"{summary['total_steps']} steps, {config.optimizer}) at {out} ({time.perf_counter() - t0:.1f}s)"
+    )
+    report_accuracy(final_checkpoint(out))
+    return out
+
+
+def report_accuracy(checkpoint: Path) -> None:
+    from .io import read_jsonl
+    from .lm.evaluate import QUERY_EVAL_FILE, accuracy_by_bucket
+
+    table = accuracy_by_bucket(read_jsonl(checkpoint / QUERY_EVAL_FILE))
+    print(f"\nfact accuracy (greedy decoding reproduces the target) per frequency bucket, {checkpoint.name}:")
+    print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+
+
+def cmd_quick(args) -> None:
+    args.out = None
+    world = cmd_world(args)
+    cmd_pretrain(args, world)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .lm.models import FAMILIES, MODEL_SIZES
+    from .lm.optim import OPTIMIZERS
+    from .world import PROFILES
+
+    parser = argparse.ArgumentParser(prog="trackstar", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifacts", help="artifact root (default $TRACKSTAR_ARTIFACTS or ./artifacts)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def world_args(p, profile_default: str) -> None:
+        p.add_argument("--profile", default=profile_default, choices=list(PROFILES), help="world size profile")
+        p.add_argument("--seed", type=int, default=0, help="world seed (non-negative integer)")
+
+    def model_args(p, size_default: str) -> None:
+        p.add_argument("--size", default=size_default, choices=list(MODEL_SIZES), help="model size preset")
+        p.add_argument("--family", default="gpt2", choices=list(FAMILIES), help="model family")
+        p.add_argument("--optimizer", default="adafactor", choices=list(OPTIMIZERS))
+        p.add_argument("--model-seed", type=int, default=0, help="model initialization and data-order seed")
+        p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
+
+    p = sub.add_parser("world", help="build (or reuse) an embedded fact world")
+    world_args(p, "tiny")
+    p.add_argument("--out", help="output directory (default ARTIFACTS/worlds/PROFILE-sSEED)")
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("pretrain", help="pretrain (or resume) one of our LMs on a world's corpus")
+    p.add_argument("--world", required=True, help="a built world directory")
+    model_args(p, "tiny")
+    p.add_argument("--out", help="output directory (default under ARTIFACTS/models/)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("quick", help="the main job on the embedded default: tiny world, tiny model, fact accuracy")
+    world_args(p, "tiny")
+    model_args(p, "tiny")
+    p.set_defaults(func=cmd_quick)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, ArtifactError) as exc:
+        print(f"trackstar {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
