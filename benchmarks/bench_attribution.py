@@ -1,0 +1,186 @@
+"""Attribution engine throughput, as ratios measured in one run on one machine.
+
+Run:  pytest benchmarks/bench_attribution.py --benchmark-enable -p no:cacheprovider -o addopts="" -s
+
+Setting (per model family): ~4M parameters (4 layers, width 256, vocab 4096),
+512 sequences of 64 tokens, batch 32, all block linear weights, d ≈ 4096.
+
+* extraction / training step: features with Adafactor V applied vs a plain
+  training step (forward + backward + optimizer step), examples per second.
+  Target >= 1.3.
+* extraction / naive: vs torch.func vmap per-example gradients, flattened and
+  multiplied by a dense Gaussian projection to the same d. The dense matrix
+  (D × d, tens of GB here) cannot be stored, so the naive way regenerates it in
+  slices for every batch; it is timed on one batch. Target >= 20.
+* scoring / matmul: streaming top-k from a feature store vs the machine's own
+  float32 matmul rate for the same shapes. Target >= 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from trackstar.attribution.features import FeatureExtractor
+from trackstar.attribution.gradients import block_linear_sites
+from trackstar.attribution.output import Example, collate
+from trackstar.attribution.projection import Projector
+from trackstar.attribution.scoring import top_k, unit_normalize
+from trackstar.attribution.second_moment import second_moment_from_optimizer
+from trackstar.attribution.store import FeatureStore
+
+N_SEQ, SEQ_LEN, BATCH, VOCAB, D = 512, 64, 32, 4096, 4096
+
+
+def build(family: str):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=256, n_layer=4, n_head=4)
+        return GPT2LMHeadModel(cfg)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ_LEN)
+    return LlamaForCausalLM(cfg)
+
+
+def examples() -> list[Example]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (N_SEQ, SEQ_LEN), generator=gen).tolist()
+    w = (0.0,) + (1.0 / (SEQ_LEN - 1),) * (SEQ_LEN - 1)
+    return [Example(tuple(row), w, "loss", str(i)) for i, row in enumerate(ids)]
+
+
+def batches(exs):
+    return [collate(exs[i:i + BATCH]) for i in range(0, len(exs), BATCH)]
+
+
+def timed(fn, repeat=1):
+    best = math.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def train_steps(model, opt, bs) -> None:
+    """Plain training steps (dropout on), e.g. to give the optimizer its state."""
+    model.train()
+    for b in bs:
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.input_ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def naive_rate(model, bs, d, names) -> float:
+    """vmap per-example grads over the same weights, flatten, dense Gaussian P."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    chosen = {n: params[n] for n in names}
+    rest = {n: p for n, p in params.items() if n not in chosen}
+
+    def loss(weights, ids):
+        logits = functional_call(model, {**rest, **weights}, (ids[None],)).logits[0]
+        return torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
+
+    per_example = vmap(grad(loss), in_dims=(None, 0))
+    b = bs[0]
+
+    def run():
+        g = per_example(chosen, b.input_ids)
+        flat = torch.cat([g[n].flatten(1) for n in names], dim=1)
+        out = torch.zeros(flat.shape[0], d)
+        gen = torch.Generator().manual_seed(0)
+        for start in range(0, flat.shape[1], 8192):
+            part = flat[:, start:start + 8192]
+            p = torch.randn(part.shape[1], d, generator=gen) / math.sqrt(d)
+            out += part @ p
+        return out
+
+    with torch.no_grad():
+        seconds = timed(run)
+    return len(b.examples) / seconds
+
+
+def interleaved_rates(model, opt, extractor, bs, rounds=2):
+    """Examples/s of extraction and of a training step, batch for batch in turn.
+
+    Alternating the two on the same batches means both see the same load from
+    anything else running on the machine; the median batch time of each is
+    used, which ignores stalls.
+    """
+    ext, train = [], []
+    for _ in range(rounds):
+        for b in bs:
+            model.eval()
+            t = time.perf_counter()
+            extractor(b)
+            ext.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            train_steps(model, opt, [b])
+            train.append(time.perf_counter() - t)
+    return BATCH / statistics.median(ext), BATCH / statistics.median(train)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_feature_extraction(benchmark, family):
+    model = build(family)
+    bs = batches(examples())
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-3)
+    train_steps(model, opt, bs[:2])  # gives Adafactor its state
+    sites = block_linear_sites(model)
+    # Largest d <= 4096 whose per-parameter share is a square (p_L = p_R).
+    d = len(sites) * int(math.sqrt(D / len(sites))) ** 2
+    v = second_moment_from_optimizer(model, opt, sites)
+    extractor = FeatureExtractor(model, sites, Projector(sites, "gaussian", d, seed=0), v)
+
+    def extract():
+        for b in bs:
+            extractor(b)
+
+    model.eval()
+    benchmark.pedantic(extract, rounds=1, iterations=1)
+    rate, train_rate = interleaved_rates(model, opt, extractor, bs)
+    naive = naive_rate(model, bs, d, [s.name for s in sites])
+    info = {"d": d, "extract_per_s": rate, "train_step_per_s": train_rate, "naive_per_s": naive,
+            "vs_training_step": rate / train_rate, "vs_naive": rate / naive}
+    benchmark.extra_info.update(info)
+    print(f"\n[{family}] d={d} extraction {rate:.1f} ex/s | training step {train_rate:.1f} ex/s "
+          f"-> {rate / train_rate:.2f}x (target >= 1.3) | naive vmap+dense {naive:.2f} ex/s "
+          f"-> {rate / naive:.1f}x (target >= 20)")
+
+
+def test_scoring(benchmark, tmp_path):
+    n_train, n_query, d, chunk = 8192, 256, D, 4096
+    gen = torch.Generator().manual_seed(0)
+    meta = {"row_ids": list(range(n_train)), "d": d, "dtype": "float32", "layout": []}
+    store = FeatureStore.create(tmp_path / "store", meta)
+    for start in range(0, n_train, chunk):
+        store.write(start, torch.randn(chunk, d, generator=gen))
+    store.finish()
+    store = FeatureStore.open(tmp_path / "store")
+    queries = unit_normalize(torch.randn(n_query, d, generator=gen))
+    train_mem = torch.randn(n_train, d, generator=gen)
+
+    def score():
+        top_k(queries, store.chunks(chunk), k=10, normalize_train=True)
+
+    def matmul():
+        queries @ train_mem.T
+
+    score()  # warm the page cache, as a scoring job after extraction would find it
+    benchmark.pedantic(score, rounds=3, iterations=1)
+    seconds = benchmark.stats.stats.min
+    flops = 2.0 * n_query * n_train * d
+    mm = timed(matmul, repeat=3)
+    ratio = (flops / seconds) / (flops / mm)
+    benchmark.extra_info.update({"score_gflops": flops / seconds / 1e9,
+                                 "matmul_gflops": flops / mm / 1e9, "ratio": ratio})
+    print(f"\n[scoring] {flops / seconds / 1e9:.1f} GFLOP/s vs matmul {flops / mm / 1e9:.1f} "
+          f"GFLOP/s -> {ratio:.2f} (target >= 0.5)")

@@ -1,0 +1,141 @@
+"""Feature vectors P_d(∇f / sqrt(V)) of a batch of examples (SPEC §1, first steps).
+
+Order of operations: optimizer correction (÷ sqrt V) -> projection. The
+Hessian correction and unit normalization come later (curvature, scoring),
+because R is estimated from these very features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .gradients import Site, check_finite, dense_gradients, layer_factors
+from .output import Batch
+from .projection import Projector
+from .second_moment import SecondMoment
+
+
+class FeatureExtractor:
+    """Turns a :class:`Batch` into an (n, d) float32 feature matrix.
+
+    ``dense=True`` takes the plain-autograd path (``params: all``); otherwise
+    per-layer hooks. With a factored (Adafactor) V, whose correction is
+    G ⊙ r cᵀ = diag(r) G diag(c), the hook path is exact and free:
+    (B diag r) P_Lᵀ = B (P_L diag r)ᵀ, so the row and column scalings are
+    folded once into the projection matrices. With a dense V it materializes
+    each example's O×I gradient for that layer only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: list[Site],
+        projector: Projector,
+        second_moment: SecondMoment | None = None,
+        dense: bool = False,
+    ):
+        self.model = model
+        self.sites = sites
+        self.projector = projector
+        self.second_moment = second_moment
+        self.dense = dense
+        self._sides: dict[str, tuple] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.projector.dim
+
+    def _folded(self, name: str) -> tuple:
+        """(left, right, row scale, col scale) for the factored hook path.
+
+        Where a side is projected, its V factor is folded into the matrix and
+        the returned scale is None; otherwise the scale is applied to B or A.
+        """
+        if name not in self._sides:
+            left, right = self.projector.matrices(name)
+            corr = self.second_moment[name] if self.second_moment is not None else None
+            row = corr.row if corr is not None else None
+            col = corr.col if corr is not None else None
+            if left is not None and row is not None:
+                left, row = left * row[None, :], None
+            if right is not None and col is not None:
+                right, col = right * col[None, :], None
+            self._sides[name] = (left, right, row, col)
+        return self._sides[name]
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        n = len(batch.examples)
+        out = torch.empty((n, self.dim), dtype=torch.float32)
+        if self.dense:
+            grads = dense_gradients(self.model, batch, self.sites)
+            for site in self.sites:
+                g = grads.pop(site.name)
+                if self.second_moment is not None:
+                    g = g * self.second_moment[site.name].multiplier()
+                block = self.projector.by_name[site.name]
+                out[:, block.offset : block.stop] = self.projector.project_dense(site.name, g)
+                check_finite(out[:, block.offset : block.stop], batch, site.name)
+            return out
+        factors = layer_factors(self.model, batch, self.sites)
+        # Pads are masked after projection (smallest tensors); where() rather
+        # than a product so a NaN at a pad position cannot leak in. A batch
+        # without pads skips it: on a busy CPU each small op costs a thread
+        # wake-up, which is most of the extraction cost at small widths.
+        mask = batch.attention_mask.bool().unsqueeze(-1)
+        padded = not bool(mask.all())
+        for site in self.sites:
+            a, b = factors.pop(site.name)
+            span = self.projector.by_name[site.name]
+            block = out[:, span.offset : span.stop]
+            corr = self.second_moment[site.name] if self.second_moment is not None else None
+            if corr is not None and not corr.factored:
+                if padded:
+                    a, b = torch.where(mask, a, 0.0), torch.where(mask, b, 0.0)
+                g = torch.bmm(b.transpose(1, 2), a) * corr.dense
+                block[:] = self.projector.project_dense(site.name, g)
+                continue
+            left, right, row, col = self._folded(site.name)
+            b = b @ left.T if left is not None else (b * row if row is not None else b)
+            a = a @ right.T if right is not None else (a * col if col is not None else a)
+            if padded:
+                a, b = torch.where(mask, a, 0.0), torch.where(mask, b, 0.0)
+            block[:] = torch.bmm(b.transpose(1, 2), a).flatten(1)
+        if not bool(torch.isfinite(out).all()):
+            # Slow path, only on failure: find the first example and parameter.
+            for site in self.sites:
+                span = self.projector.by_name[site.name]
+                check_finite(out[:, span.offset : span.stop], batch, site.name)
+        return out
+
+
+def extract_to_store(
+    store,
+    examples: list,
+    extractor: FeatureExtractor,
+    batch_size: int,
+    chunk_rows: int,
+    padding_side: str = "right",
+    desc: str = "features",
+) -> None:
+    """Fill ``store`` with the features of ``examples``, resuming where it stopped.
+
+    Rows are computed in chunks of ``chunk_rows``; each finished chunk is
+    flushed and recorded before the next starts.
+    """
+    from tqdm.auto import tqdm
+
+    from .output import collate
+
+    if store.complete:
+        return
+    with tqdm(total=len(examples), initial=store.rows_done, desc=desc, unit="ex") as bar:
+        for start in range(store.rows_done, len(examples), chunk_rows):
+            chunk = examples[start : start + chunk_rows]
+            parts = []
+            for i in range(0, len(chunk), batch_size):
+                batch = collate(chunk[i : i + batch_size], padding_side)
+                parts.append(extractor(batch))
+                bar.update(len(batch.examples))
+            store.write(start, torch.cat(parts))
+    store.finish()

@@ -1,0 +1,237 @@
+"""Per-example gradients of any HF causal LM (SPEC §1.2).
+
+Fast path (``params: default``): the weight matrices of the linear layers
+inside the transformer blocks. Hooks capture, per layer and example, the input
+activations A (T×I) and the output gradients B (T×O); the example's weight
+gradient is G = Bᵀ A (O×I), which is never formed unless a caller asks. The
+weights themselves are frozen during the pass so autograd skips the
+weight-gradient products; the input embeddings are made to require grad so the
+backward pass still runs.
+
+Dense path (``params: all``): plain per-example autograd over every parameter.
+
+Orientation: every gradient is O×I (output × input). ``nn.Linear`` stores
+weights O×I already; HF's GPT-2 ``Conv1D`` stores I×O, so its gradient is
+transposed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .output import Batch, forward_logits, objective
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+
+@dataclass(frozen=True)
+class Site:
+    """One parameter whose gradient is a feature block, viewed as an O×I matrix."""
+
+    name: str  # the parameter's name in model.named_parameters()
+    out_features: int
+    in_features: int
+    stored_transposed: bool  # True for Conv1D (stored I×O)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+
+def _transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks: the list holding the most parameters."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[2]:
+                best = (name, module, size)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList of transformer blocks, so the "
+            "default parameter set cannot be found. Use params='all'."
+        )
+    return best[0], best[1]
+
+
+def block_linear_sites(model: nn.Module) -> list[Site]:
+    """Default parameter set: weights of every Linear/Conv1D inside the blocks."""
+    prefix, blocks = _transformer_blocks(model)
+    sites = []
+    for name, module in blocks.named_modules():
+        full = f"{prefix}.{name}.weight"
+        if isinstance(module, nn.Linear):
+            sites.append(Site(full, module.out_features, module.in_features, False))
+        elif Conv1D and isinstance(module, Conv1D):
+            fan_in, fan_out = module.weight.shape
+            sites.append(Site(full, fan_out, fan_in, True))
+    if not sites:
+        raise ValueError(
+            f"No nn.Linear or Conv1D layer found inside {prefix!r} of {type(model).__name__}; "
+            "use params='all' for this model."
+        )
+    return sites
+
+
+def all_parameter_sites(model: nn.Module) -> list[Site]:
+    """``params: all``: every trainable parameter; vectors are 1×n matrices."""
+    conv_weights = {
+        f"{n}.weight" for n, m in model.named_modules() if Conv1D and isinstance(m, Conv1D)
+    }
+    sites = []
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            sites.append(Site(name, 1, p.shape[0], False))
+        elif p.dim() == 2:
+            if name in conv_weights:
+                sites.append(Site(name, p.shape[1], p.shape[0], True))
+            else:
+                sites.append(Site(name, p.shape[0], p.shape[1], False))
+        else:
+            raise ValueError(
+                f"Parameter {name} has shape {tuple(p.shape)}; params='all' supports only "
+                "vectors and matrices. Exclude it or reshape the model."
+            )
+    return sites
+
+
+def site_modules(model: nn.Module, sites: list[Site]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    return {s.name: modules[s.name.rsplit(".", 1)[0]] for s in sites}
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Freeze every parameter for the duration, restoring each flag afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A per-example gradient holds NaN or inf."""
+
+
+def check_finite(tensor: torch.Tensor, batch: Batch, site: str) -> None:
+    """Raise, naming the example and parameter, if an example's block is not finite.
+
+    NaN/inf in an activation or output gradient always reaches the projected
+    block, so checking the (small) block is enough.
+    """
+    bad = ~torch.isfinite(tensor).flatten(1).all(dim=1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise NonFiniteGradientError(
+            f"The gradient of example {batch.examples[i].name} at parameter {site} contains "
+            "NaN or inf. Check the model's weights for NaN/inf, lower the dtype's risk "
+            "(use float32), or drop the example."
+        )
+
+
+def layer_factors(
+    model: nn.Module, batch: Batch, sites: list[Site]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (A, B): inputs (n, T, I) and output gradients (n, T, O), float32.
+
+    Σ_t B[i, t]ᵀ A[i, t] over the example's real positions is example i's
+    gradient of its own output function. Pad positions are NOT masked here;
+    the caller masks after projecting, where the tensors are smallest.
+    """
+    modules = site_modules(model, sites)
+    acts: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            acts[name] = inputs[0].detach()
+
+            def keep(g):
+                grads[name] = g.detach()
+
+            output.register_hook(keep)
+
+        return hook
+
+    def embed_hook(module, inputs, output):
+        # The weights are frozen, so something must require grad for backward
+        # to run; the embedding output is the earliest such tensor.
+        return output.detach().requires_grad_(True)
+
+    with eval_mode(model), frozen_parameters(model), torch.enable_grad():
+        try:
+            handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+            for name, module in modules.items():
+                handles.append(module.register_forward_hook(make_hook(name)))
+            logits = forward_logits(model, batch)
+            objective(logits, batch).backward()
+        finally:
+            for h in handles:
+                h.remove()
+
+    result = {}
+    for site in sites:
+        if site.name not in grads:
+            raise RuntimeError(
+                f"No output gradient reached {site.name}: the layer is unused by the "
+                "forward pass. Exclude it from the parameter set."
+            )
+        result[site.name] = (acts[site.name].float(), grads[site.name].float())
+    return result
+
+
+def dense_gradients(model: nn.Module, batch: Batch, sites: list[Site]) -> dict[str, torch.Tensor]:
+    """Per-example gradients by plain autograd, one example at a time.
+
+    Returns, per site, a tensor (n, O, I) oriented O×I (vectors as 1×n).
+    Slow; used for ``params: all``.
+    """
+    params = dict(model.named_parameters())
+    missing = [s.name for s in sites if s.name not in params]
+    if missing:
+        raise ValueError(f"Parameters {missing} are not in {type(model).__name__}.")
+    chosen = [params[s.name] for s in sites]
+    out = {s.name: [] for s in sites}
+    with eval_mode(model), torch.enable_grad():
+        for i, example in enumerate(batch.examples):
+            keep = batch.attention_mask[i].bool()
+            single = Batch(
+                batch.input_ids[i, keep][None],
+                batch.attention_mask[i, keep][None],
+                batch.position_ids[i, keep][None],
+                batch.weights[i, keep][None],
+                [example],
+            )
+            value = objective(forward_logits(model, single), single)
+            grads = torch.autograd.grad(value, chosen, allow_unused=True)
+            for s, p, g in zip(sites, chosen, grads):
+                g = torch.zeros_like(p) if g is None else g.detach().float()
+                g = g.reshape(1, -1) if g.dim() == 1 else g
+                out[s.name].append(g.T if s.stored_transposed else g)
+    result = {name: torch.stack(gs) for name, gs in out.items()}
+    for name, g in result.items():
+        check_finite(g, batch, name)
+    return result

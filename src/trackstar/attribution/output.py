@@ -1,0 +1,184 @@
+"""Output functions f and the tokenized examples they are taken on (SPEC §1.1).
+
+An :class:`Example` carries token ids and one weight per position: the weight
+of position t multiplies the output value of predicting ``ids[t]`` from
+``ids[:t]``. A training passage weighs every predicted token 1/(T-1) (its mean
+LM loss); a query weighs only its target tokens. The objective of a batch is
+the weighted SUM over examples, so autograd's per-example output gradients are
+exactly each example's own dL/d(out), whatever the batch holds.
+
+Sign convention: every f is loss-like (lower = target more probable), so a
+positive dot product between a training and a query gradient means that a
+gradient-descent step on the training example raises the target probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+    output_fn: str  # "loss" | "margin" | "logit"
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def max_positions(model) -> int | None:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if value:
+            return int(value)
+    return None
+
+
+def _bos(tokenizer) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [int(bos)] if bos is not None else []
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_length(ids: Sequence[int], limit: int | None, name: str) -> None:
+    if limit is not None and len(ids) > limit:
+        raise ValueError(
+            f"{name} is {len(ids)} tokens long, more than the model's {limit} positions "
+            f"(config max_position_embeddings / n_positions). Shorten or split it to at "
+            f"most {limit} tokens before attribution."
+        )
+
+
+def training_example(tokenizer, text: str, name: str, limit: int | None) -> Example:
+    """A pretraining passage; f = mean LM loss over its T-1 predicted tokens."""
+    ids = _bos(tokenizer) + _encode(tokenizer, text)
+    if len(ids) < 2:
+        raise ValueError(
+            f"Training example {name} ({text!r}) has {len(ids)} token(s); the LM loss "
+            "needs at least 2 (one to condition on, one to predict). Drop it or give "
+            "a longer passage."
+        )
+    _check_length(ids, limit, f"Training example {name}")
+    n = len(ids) - 1
+    return Example(tuple(ids), (0.0,) + (1.0 / n,) * n, "loss", name)
+
+
+def query_example(
+    tokenizer,
+    prompt: str,
+    target: str,
+    name: str,
+    limit: int | None,
+    output_fn: str = "loss",
+    reduction: str = "mean",
+) -> Example:
+    """A query (prompt, target): f over the ids of ``" " + target`` only."""
+    prompt_ids = _bos(tokenizer) + _encode(tokenizer, prompt)
+    target_ids = _encode(tokenizer, " " + target)
+    if not target_ids:
+        raise ValueError(
+            f"Query {name} (prompt {prompt!r}) has a target {target!r} that is empty "
+            "after tokenization, so there is nothing to attribute. Give a non-empty target."
+        )
+    if not prompt_ids:
+        raise ValueError(
+            f"Query {name} has an empty prompt and the tokenizer has no BOS token, so "
+            "the first target token cannot be predicted. Give a non-empty prompt."
+        )
+    ids = prompt_ids + target_ids
+    _check_length(ids, limit, f"Query {name}")
+    w = 1.0 / len(target_ids) if reduction == "mean" else 1.0
+    weights = (0.0,) * len(prompt_ids) + (w,) * len(target_ids)
+    return Example(tuple(ids), weights, output_fn, name)
+
+
+def token_outputs(logits: torch.Tensor, labels: torch.Tensor, output_fn: str) -> torch.Tensor:
+    """Per-token loss-like output values, shape ``labels.shape``.
+
+    ``logits[..., t, :]`` predicts ``labels[..., t]``.
+    loss:   -log p(y)
+    margin: -(log p(y) - log(1 - p(y))) = -(z_y - logsumexp_{j != y} z_j)
+    logit:  -z_y
+    """
+    logits = logits.float()
+    if output_fn == "loss":  # the fused kernel: fewer passes over the logits
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return flat.view(labels.shape)
+    z_y = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if output_fn == "margin":
+        others = logits.scatter(-1, labels.unsqueeze(-1), float("-inf"))
+        return torch.logsumexp(others, dim=-1) - z_y
+    if output_fn == "logit":
+        return -z_y
+    raise ValueError(f"Unknown output function {output_fn!r}; use 'loss', 'margin' or 'logit'.")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (n, T)
+    attention_mask: torch.Tensor  # (n, T)
+    position_ids: torch.Tensor  # (n, T)
+    weights: torch.Tensor  # (n, T) float32, weight of predicting ids[:, t]
+    examples: list[Example]
+
+
+def collate(examples: Sequence[Example], padding_side: str = "right", pad_id: int = 0) -> Batch:
+    """Pad to the longest example; position ids count real tokens only.
+
+    Padding never changes a gradient: pad positions get weight 0, attention
+    never looks at them, and left padding keeps real tokens at positions 0..T-1.
+    """
+    n, t_max = len(examples), max(len(e) for e in examples)
+    ids = torch.full((n, t_max), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, t_max), dtype=torch.long)
+    weights = torch.zeros((n, t_max), dtype=torch.float32)
+    for i, e in enumerate(examples):
+        sl = slice(0, len(e)) if padding_side == "right" else slice(t_max - len(e), t_max)
+        ids[i, sl] = torch.tensor(e.ids)
+        mask[i, sl] = 1
+        weights[i, sl] = torch.tensor(e.weights, dtype=torch.float32)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions, weights, list(examples))
+
+
+def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Sum over examples of each example's weighted output: Σ_i f(z_i)."""
+    # Position t of the logits predicts ids[t + 1]. Shifting the labels and
+    # weights (the last position gets weight 0) rather than slicing the logits
+    # avoids copying the (n, T, vocab) tensor forward and zero-filling it in
+    # the backward pass.
+    pad = batch.input_ids.new_zeros((batch.input_ids.shape[0], 1))
+    labels = torch.cat([batch.input_ids[:, 1:], pad], dim=1)
+    w = torch.cat([batch.weights[:, 1:], pad.float()], dim=1)
+    fns = sorted({e.output_fn for e in batch.examples})
+    total = logits.new_zeros((), dtype=torch.float32)
+    for fn in fns:
+        if len(fns) == 1:  # the usual case; indexing would copy the logits
+            p, y, wr = logits, labels, w
+        else:
+            rows = torch.tensor([e.output_fn == fn for e in batch.examples])
+            p, y, wr = logits[rows], labels[rows], w[rows]
+        values = token_outputs(p, y, fn)
+        # where() rather than a product: a pad position's value may be inf/NaN
+        # and 0 * NaN would leak into the sum.
+        total = total + torch.where(wr > 0, values * wr, torch.zeros_like(values)).sum()
+    return total
+
+
+def forward_logits(model, batch: Batch) -> torch.Tensor:
+    return model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits

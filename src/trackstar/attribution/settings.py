@@ -1,0 +1,99 @@
+"""Settings of one attribution run (SPEC §1), as a plain dataclass.
+
+The feature store records the fields that change a feature vector (see
+``TrackStar._meta``) and refuses to mix features made under different ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Union
+
+OutputFn = Literal["loss", "margin", "logit"]
+Curvature = Literal["none", "train", "mix"]
+
+OUTPUT_FNS = ("loss", "margin", "logit")
+CURVATURES = ("none", "train", "mix")
+PROJECTIONS = ("identity", "gaussian")
+PARAM_SETS = ("default", "all")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+ADAM_MODES = ("exact", "rank1")
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """What to compute; the defaults are the paper's TrackStar row.
+
+    output_fn: the query output function f (SPEC §1.1); training examples
+        always use their mean LM loss.
+    reduction: how a query's per-target-token values combine (``mean``/``sum``).
+    use_v: divide gradients by sqrt(V), the optimizer second moment (§1.3).
+    adam_mode: for a full (Adam) V, ``exact`` materializes each example's
+        per-layer gradient; ``rank1`` uses the best rank-1 approximation of
+        1/(sqrt(V̂)+eps) so the fast path applies (approximate).
+    v_estimate_batches: when no optimizer state is given, V is estimated as
+        the mean squared mini-batch gradient over this many training batches.
+    projection, d, seed: the random projection P_d (§1.4).
+    curvature, lam, damping, block_diagonal: R and R^{-1/2} (§1.5).
+    unit_norm: normalize each feature to unit length after R^{-1/2}.
+    k: number of proponents and opponents kept per query.
+    params: ``default`` = weight matrices of the block linear layers (fast
+        path); ``all`` = every parameter through plain per-example autograd.
+    """
+
+    output_fn: OutputFn = "loss"
+    reduction: Literal["mean", "sum"] = "mean"
+    use_v: bool = True
+    adam_mode: Literal["exact", "rank1"] = "exact"
+    v_estimate_batches: int = 8
+    projection: Literal["identity", "gaussian"] = "gaussian"
+    d: int = 4096
+    seed: int = 0
+    curvature: Curvature = "mix"
+    lam: Union[float, str] = 0.99
+    damping: float = 0.1
+    block_diagonal: bool = False
+    unit_norm: bool = True
+    k: int = 10
+    batch_size: int = 16
+    chunk_rows: int = 1024
+    params: Literal["default", "all"] = "default"
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    padding_side: Literal["right", "left"] = "right"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "output_fn": OUTPUT_FNS,
+            "reduction": ("mean", "sum"),
+            "projection": PROJECTIONS,
+            "curvature": CURVATURES,
+            "params": PARAM_SETS,
+            "storage_dtype": STORAGE_DTYPES,
+            "adam_mode": ADAM_MODES,
+            "padding_side": ("right", "left"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(
+                    f"AttributionSettings.{name}={value!r} is not one of {allowed}; "
+                    f"pick one of those."
+                )
+        if isinstance(self.lam, str):
+            if self.lam != "auto":
+                raise ValueError(
+                    f"AttributionSettings.lam={self.lam!r}: give a number in [0, 1] or 'auto'."
+                )
+        elif not 0.0 <= float(self.lam) <= 1.0:
+            raise ValueError(f"AttributionSettings.lam={self.lam} must lie in [0, 1] (or be 'auto').")
+        for name in ("k", "batch_size", "chunk_rows", "v_estimate_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AttributionSettings.{name}={getattr(self, name)} must be >= 1.")
+        if self.projection == "gaussian" and self.d < 1:
+            raise ValueError(f"AttributionSettings.d={self.d} must be >= 1 for a Gaussian projection.")
+        if self.damping < 0:
+            raise ValueError(f"AttributionSettings.damping={self.damping} must be >= 0.")
+
+    def replace(self, **changes) -> "AttributionSettings":
+        return dataclasses.replace(self, **changes)
