@@ -3,6 +3,7 @@
     trackstar world    --profile tiny --seed 0            build (or reuse) a fact world
     trackstar pretrain --world PATH --size tiny            pretrain (or resume) a model on it
     trackstar quick                                        world + model + fact accuracy per bucket
+    trackstar sanity                                       top proponents per method; gold vs random tail-patch
 
 Artifacts go under ``--artifacts`` (default ``$TRACKSTAR_ARTIFACTS`` or
 ``./artifacts``), addressed by the settings that determine them, so re-running
@@ -18,22 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from .experiment.stages import model_dir, world_dir
 from .io import ArtifactError, read_json
 
 
 def _artifacts_root(value: str | None) -> Path:
     return Path(value or os.environ.get("TRACKSTAR_ARTIFACTS", "artifacts"))
-
-
-def world_dir(root: Path, profile: str, seed: int) -> Path:
-    return root / "worlds" / f"{profile}-s{seed}"
-
-
-def model_dir(root: Path, world: Path, config) -> Path:
-    from .lm.pretrain import run_key
-
-    manifest = read_json(world / "manifest.json")
-    return root / "models" / f"{world.name}" / f"{config.family}-{config.size}-{config.optimizer}-s{config.seed}-{run_key(config, manifest)[:8]}"
 
 
 def _pretrain_config(args):
@@ -94,6 +85,20 @@ def cmd_quick(args) -> None:
     cmd_pretrain(args, world)
 
 
+def cmd_sanity(args) -> None:
+    from .evaluation.sanity import sanity_report
+    from .lm import final_checkpoint, load_checkpoint
+    from .world import load_world
+
+    args.out = None
+    world = cmd_world(args)
+    run = cmd_pretrain(args, world)
+    root = _artifacts_root(args.artifacts)
+    print()
+    print(sanity_report(load_world(world), load_checkpoint(final_checkpoint(run)), n_facts=args.facts,
+                        work_dir=root / "features" / f"sanity-{run.name}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .lm.models import FAMILIES, MODEL_SIZES
     from .lm.optim import OPTIMIZERS
@@ -130,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     world_args(p, "tiny")
     model_args(p, "tiny")
     p.set_defaults(func=cmd_quick)
+
+    p = sub.add_parser("sanity", help="top proponents of frequent facts per method; gold vs random tail-patch")
+    world_args(p, "tiny")
+    model_args(p, "tiny")
+    p.add_argument("--facts", type=int, default=4, help="how many frequent facts to show")
+    p.set_defaults(func=cmd_sanity)
     return parser
 
 

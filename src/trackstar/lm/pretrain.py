@@ -169,7 +169,7 @@ class PretrainConfig:
 # thousand short documents; ``small`` / ``medium`` are for bigger machines.
 PRESETS: dict[str, PretrainConfig] = {
     "micro": PretrainConfig(
-        size="micro", vocab_size=512, context_length=64, batch_size=16, epochs=4, lr=5e-2,
+        size="micro", vocab_size=512, context_length=256, batch_size=16, epochs=4, lr=5e-2,
         warmup_fraction=0.05,
     ),
     "tiny": PretrainConfig(

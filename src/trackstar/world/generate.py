@@ -21,7 +21,10 @@ from faker import Faker
 from .profiles import WorldProfile
 from .relations import CONTEXT_TEMPLATES, RELATIONS, render, render_context
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+#: Documents stay short enough for a small model's context (128 tokens): the
+#: attributed training example must be the whole pretraining example.
+MAX_DOC_SENTENCES = 5
 N_BUCKETS = 6
 
 #: Plain ASCII names only: they tokenize cleanly and contain no sentence
@@ -298,12 +301,13 @@ def _open_set(facts: list[Fact], entities: list[Entity], profile: WorldProfile, 
             (deferred if any(g is f for g in chosen) else chosen).append(f)
         pending.extendleft(reversed(deferred))
         sentences = [f.statement(rng.choice(RELATIONS[f.pid].statements)) for f in chosen]
-        sentences += [filler() for _ in range(rng.randint(0, max(1, round(2 * k * profile.filler_ratio))))]
+        n_filler = rng.randint(0, max(1, round(2 * k * profile.filler_ratio)))
+        sentences += [filler() for _ in range(min(n_filler, MAX_DOC_SENTENCES - len(sentences)))]
         rng.shuffle(sentences)
         ordered = sorted(chosen, key=lambda f: f.fact_id)
         docs.append({"text": " ".join(sentences), "fact_ids": [f.fact_id for f in ordered], "fact_triples": [f.triple for f in ordered]})
     for _ in range(max(1, len(docs) // 20)):
-        docs.insert(rng.randrange(len(docs) + 1), {"text": " ".join(filler() for _ in range(rng.randint(2, 5))), "fact_ids": [], "fact_triples": []})
+        docs.insert(rng.randrange(len(docs) + 1), {"text": " ".join(filler() for _ in range(rng.randint(2, MAX_DOC_SENTENCES))), "fact_ids": [], "fact_triples": []})
     for i, d in enumerate(docs):
         d["doc_id"] = f"D{i:06d}"
     return docs

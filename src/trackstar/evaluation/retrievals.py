@@ -1,0 +1,91 @@
+"""Build release-schema retrieval records and label them against the world.
+
+A retrieval record (SPEC §2.1) is one query with its ranked proponents (and,
+for gradient methods, opponents). Closed-set records carry
+``proponent_correct``; open-set records carry ``proponent_ais_scores``, which
+the embedded world knows exactly (1.0 when the passage states the fact, else
+0.0) where the paper used an entailment model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+QUERY_SETS = ("trex", "c4")
+
+
+class Corpus:
+    """Candidate texts of one retrieval set, with the facts each states.
+
+    ``closed`` (T-REx sentences, ids ``sentence_id``) or ``open`` (pretraining
+    documents, ids ``doc_id``).
+    """
+
+    def __init__(self, name: str, ids: Sequence[str], texts: Sequence[str], fact_ids: Sequence[Sequence[str]]):
+        if name not in ("closed", "open"):
+            raise ValueError(f"corpus name must be 'closed' or 'open', got {name!r}")
+        self.name = name
+        self.ids = list(ids)
+        self.texts = list(texts)
+        self.fact_ids = [set(f) for f in fact_ids]
+        self.index = {i: n for n, i in enumerate(self.ids)}
+        if len(self.index) != len(self.ids):
+            raise ValueError(f"{name} corpus has duplicate ids")
+
+    @classmethod
+    def from_world(cls, world, name: str) -> Corpus:
+        if name == "closed":
+            recs, key = world.sentences, "sentence_id"
+        elif name == "open":
+            recs, key = world.corpus, "doc_id"
+        else:
+            raise ValueError(f"corpus must be 'closed' (T-REx sentences) or 'open' (pretraining corpus), got {name!r}")
+        return cls(name, [r[key] for r in recs], [r["text"] for r in recs], [r["fact_ids"] for r in recs])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def position(self, doc_id: str, source: str = "retrieval") -> int:
+        try:
+            return self.index[doc_id]
+        except KeyError:
+            raise KeyError(
+                f"{source}: proponent id {doc_id!r} is not in the {self.name} corpus "
+                f"({len(self)} ids such as {self.ids[0]!r}). Was it retrieved from another world?"
+            ) from None
+
+
+def retrieval_record(
+    query: dict,
+    corpus: Corpus,
+    proponent_ids: Sequence[str],
+    proponent_scores: Sequence[float],
+    opponent_ids: Sequence[str] | None = None,
+    opponent_scores: Sequence[float] | None = None,
+) -> dict:
+    """One release-schema record for ``query`` (a world ``queries.jsonl`` record)."""
+    fact = query["fact_id"]
+    positions = [corpus.position(p) for p in proponent_ids]
+    rec = {
+        "example_id": query["example_id"],
+        "query_set": "trex" if corpus.name == "closed" else "c4",
+        "inputs_plaintext": query["prompt"],
+        "targets_plaintext": query["target"],
+        "proponents": [corpus.texts[i] for i in positions],
+        "proponent_ids": list(proponent_ids),
+        "proponent_scores": [float(s) for s in proponent_scores],
+        "fact_id": fact,
+        "relation": query["relation"],
+        "c4_frequency": query["c4_frequency"],
+        "c4_frequency_bucket": query["c4_frequency_bucket"],
+    }
+    if corpus.name == "closed":
+        rec["has_trex_sentence"] = query["has_trex_sentence"]
+        rec["proponent_correct"] = [fact in corpus.fact_ids[i] for i in positions]
+    else:
+        rec["proponent_ais_scores"] = [1.0 if fact in corpus.fact_ids[i] else 0.0 for i in positions]
+    if opponent_ids is not None:
+        rec["opponents"] = [corpus.texts[corpus.position(o)] for o in opponent_ids]
+        rec["opponent_ids"] = list(opponent_ids)
+        rec["opponent_scores"] = [float(s) for s in opponent_scores or []]
+    return rec

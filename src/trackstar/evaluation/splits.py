@@ -1,0 +1,56 @@
+"""Averages over queries with 95% bootstrap intervals, overall and per split (SPEC §2.4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+#: Splits of the paper's analysis: model correctness (Table A.7), frequency
+#: bucket, relation.
+SPLITS = ("greedy_correct", "c4_frequency_bucket", "relation")
+
+
+def bootstrap_mean(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap interval over queries.
+
+    Percentile intervals stay defined for constant samples (a metric that is 0
+    for every query), where BCa would fail.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(x) == 1 or np.all(x == x[0]):
+        return float(x[0]) if len(x) == 1 else float(x.mean()), float(x.min()), float(x.max())
+    res = stats.bootstrap(
+        (x,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed)
+    )
+    return float(x.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def summarize(
+    per_query: pd.DataFrame,
+    metrics: Sequence[str],
+    by: str | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Mean, interval and query count of each metric, overall or per value of ``by``.
+
+    Returns one row per (group, metric) with columns ``mean``, ``ci_low``,
+    ``ci_high``, ``n``.
+    """
+    missing = [m for m in [*metrics, *([by] if by else [])] if m not in per_query.columns]
+    if missing:
+        raise KeyError(f"per-query table has no column(s) {missing}; it has {list(per_query.columns)}")
+    groups = [("all", per_query)] if by is None else list(per_query.groupby(by, sort=True, dropna=False))
+    rows = []
+    for key, frame in groups:
+        for m in metrics:
+            mean, lo, hi = bootstrap_mean(frame[m].to_numpy(), confidence, n_resamples, seed)
+            rows.append({"split": by or "all", "group": key, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi, "n": int(frame[m].notna().sum())})
+    return pd.DataFrame(rows)
