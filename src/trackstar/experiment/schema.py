@@ -1,0 +1,104 @@
+"""Typed schema of the Hydra config tree.
+
+Registered in Hydra's ConfigStore as ``trackstar_schema`` and listed first in
+``conf/config.yaml``'s defaults, so composition rejects an unknown key or a
+wrong type before any work starts (OmegaConf struct mode on dataclasses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class WorldConf:
+    profile: str = "tiny"
+    seed: int = 0
+
+
+@dataclass
+class ModelConf:
+    family: str = "gpt2"
+    size: str = "tiny"
+    optimizer: str = "adafactor"
+    seed: int = 0
+    #: Override the size preset's number of epochs.
+    epochs: Optional[int] = None
+    #: Which checkpoint to trace: a fraction of training (1.0 = final), as
+    #: listed in ``checkpoint_fractions``; Figure 2's training axis sweeps it.
+    checkpoint: float = 1.0
+    checkpoint_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    #: A Hugging Face causal LM (hub name or local path) instead of our own.
+    #: It has no optimizer state: V is estimated and tail-patch is skipped.
+    hf_name_or_path: Optional[str] = None
+
+
+@dataclass
+class MethodConf:
+    #: bm25, dense, grad_dot, grad_cosine, trak, exp1..exp5, trackstar.
+    name: str = "trackstar"
+    #: Overrides of the method preset; null keeps the preset's value.
+    output_fn: Optional[str] = None
+    use_v: Optional[bool] = None
+    curvature: Optional[str] = None
+    unit_norm: Optional[bool] = None
+    #: λ: a number in [0, 1], ``auto``, or null for the corpus default
+    #: (0.9 closed set, 0.99 open set, as the paper).
+    lam: Any = None
+    projection: str = "gaussian"
+    d: int = 1024
+    seed: int = 0
+    damping: float = 0.1
+    block_diagonal: bool = False
+    batch_size: int = 16
+    #: sentence-transformers model for ``dense`` (default: the packaged MiniLM).
+    dense_model: Optional[str] = None
+
+
+@dataclass
+class EvalConf:
+    #: closed (T-REx-like sentences) or open (the pretraining corpus).
+    corpus: str = "closed"
+    k: int = 10
+    tail_patch: bool = True
+    tail_patch_ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10])
+    #: Evaluate only the first n queries (null: all).
+    n_queries: Optional[int] = None
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+
+
+@dataclass
+class LoggerConf:
+    #: auto: online when logged in to W&B, else offline; or online, offline, disabled.
+    mode: str = "auto"
+    project: str = "trackstar-repro"
+    entity: Optional[str] = None
+    #: Per-query table rows logged to W&B (null: all queries).
+    max_table_rows: Optional[int] = None
+
+
+@dataclass
+class TrackStarConfig:
+    world: WorldConf = field(default_factory=WorldConf)
+    model: ModelConf = field(default_factory=ModelConf)
+    method: MethodConf = field(default_factory=MethodConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    #: Which paper table or figure this run belongs to (a W&B tag and the
+    #: aggregation key); ``adhoc`` for single runs.
+    table: str = "adhoc"
+    #: Where cached stage artifacts (worlds, models, features) live.
+    artifacts_dir: str = "artifacts"
+    #: Where run records land.
+    results_dir: str = "results"
+    #: Re-run a job whose finished run record already exists.
+    force: bool = False
+    progress: bool = True
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="trackstar_schema", node=TrackStarConfig)

@@ -1,0 +1,106 @@
+"""Cached pipeline stages: world -> model -> retrieval, each addressed by the config that determines it.
+
+A sweep over λ reuses the gradients (the feature stores are keyed by what
+determines a feature row), a sweep over d reuses the model, and every job of a
+table reuses the world. Each stage runs under a file lock named by its key, so
+jobs of a sweep that run at once (the joblib launcher) wait for one another
+instead of building the same artifact twice or corrupting it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..io import ArtifactError, atomic_directory, atomic_write_json, config_hash, read_json, read_jsonl, write_jsonl
+
+
+@contextmanager
+def stage_lock(artifacts: Path, key: str):
+    locks = artifacts / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{key}.lock")):
+        yield
+
+
+def world_dir(artifacts: Path, profile: str, seed: int) -> Path:
+    return Path(artifacts) / "worlds" / f"{profile}-s{seed}"
+
+
+def model_dir(artifacts: Path, world: Path, config) -> Path:
+    """Where the pretraining run of ``config`` on ``world`` lives (keyed by its run key)."""
+    from ..lm.pretrain import run_key
+
+    key = run_key(config, read_json(Path(world) / "manifest.json"))
+    return Path(artifacts) / "models" / Path(world).name / f"{config.family}-{config.size}-{config.optimizer}-s{config.seed}-{key[:8]}"
+
+
+def pretrain_config(model_cfg):
+    from ..lm.pretrain import PretrainConfig
+
+    overrides = {
+        "family": model_cfg.family,
+        "optimizer": model_cfg.optimizer,
+        "seed": model_cfg.seed,
+        "checkpoint_fractions": tuple(model_cfg.checkpoint_fractions),
+    }
+    if model_cfg.epochs is not None:
+        overrides["epochs"] = model_cfg.epochs
+    return PretrainConfig.preset(model_cfg.size, **overrides)
+
+
+def build_world_stage(artifacts: Path, world_cfg) -> Path:
+    from ..world import build_world
+
+    path = world_dir(artifacts, world_cfg.profile, world_cfg.seed)
+    with stage_lock(artifacts, f"world-{path.name}"):
+        return build_world(path, world_cfg.profile, world_cfg.seed)
+
+
+def pretrain_stage(artifacts: Path, world: Path, model_cfg, progress: bool = True) -> Path:
+    """The pretrained run directory (trained now if missing, resumed if killed)."""
+    from ..lm.pretrain import pretrain_model
+
+    config = pretrain_config(model_cfg)
+    out = model_dir(artifacts, world, config)
+    with stage_lock(artifacts, f"model-{out.parent.name}-{out.name}"):
+        pretrain_model(world, out, config, progress=progress)
+    return out
+
+
+def checkpoint_path(run: Path, fraction: float) -> Path:
+    """The checkpoint written at ``fraction`` of training."""
+    summary = read_json(Path(run) / "pretrain.json")
+    for entry in summary["checkpoints"]:
+        if abs(entry["fraction"] - fraction) < 1e-9:
+            return Path(run) / entry["name"]
+    available = [e["fraction"] for e in summary["checkpoints"]]
+    raise ValueError(
+        f"model.checkpoint={fraction} is not a checkpoint of {str(run)!r} (it has {available}). "
+        "Pick one of those, or add it to model.checkpoint_fractions."
+    )
+
+
+def retrieval_key(world_manifest: dict, checkpoint_id: str, method: dict, corpus: str, k: int, n_queries) -> str:
+    return config_hash(
+        {"world": world_manifest["content_hash"], "checkpoint": checkpoint_id, "method": method,
+         "corpus": corpus, "k": k, "n_queries": n_queries}
+    )
+
+
+def retrieval_stage(artifacts: Path, key: str, compute) -> tuple[list[dict], dict]:
+    """Cached retrieval records (release schema) and their info, computed once per key."""
+    path = Path(artifacts) / "retrievals" / key
+    with stage_lock(artifacts, f"retrieval-{key}"):
+        if (path / "info.json").is_file():
+            return read_jsonl(path / "retrievals.jsonl"), read_json(path / "info.json")
+        records, info = compute()
+        if path.exists():
+            raise ArtifactError(f"{str(path)!r} exists without info.json: a killed run left it. Delete it and re-run.")
+        with atomic_directory(path) as tmp:
+            write_jsonl(tmp / "retrievals.jsonl", records)
+            atomic_write_json(tmp / "info.json", info)
+        return records, info
+

@@ -1,0 +1,123 @@
+"""Weights & Biases mirror of a run record.
+
+W&B is never the only copy: the run record is written first, and a W&B
+failure (not logged in, unreachable) becomes a warning in the record, not a
+lost result. Mode ``auto`` logs online when credentials exist and offline
+otherwise; offline runs sync later with ``wandb sync results/<table>/*/wandb/offline-run-*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline", "disabled")
+TOP_IN_TABLE = 3
+
+
+def logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in h for h in hosts)
+
+
+def resolve_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"logger.mode={mode!r} is not one of {MODES}.")
+    if os.environ.get("WANDB_MODE") == "disabled":  # the test suite and CI
+        return "disabled"
+    if mode == "auto":
+        return "online" if logged_in() else "offline"
+    return mode
+
+
+def flat_summary(record: dict) -> dict:
+    """Metrics as flat W&B summary keys: ``mrr``, ``mrr/ci_low``, ``split/relation/P36/mrr`` …"""
+    out = {}
+    for metric, stats in record.get("metrics", {}).items():
+        out[metric] = stats["mean"]
+        out[f"{metric}/ci_low"] = stats["ci_low"]
+        out[f"{metric}/ci_high"] = stats["ci_high"]
+        out[f"{metric}/n"] = stats["n"]
+    for split, groups in record.get("splits", {}).items():
+        for group, metrics in groups.items():
+            for metric, stats in metrics.items():
+                out[f"split/{split}/{group}/{metric}"] = stats["mean"]
+    for name, seconds in record.get("timings", {}).items():
+        out[f"time/{name}"] = seconds
+    out["status"] = record.get("status")
+    return out
+
+
+def per_query_rows(retrievals: Sequence[dict], per_query: pd.DataFrame) -> tuple[list[str], list[list]]:
+    """Columns and rows of the per-query table: prompt, target, top proponents, metrics."""
+    metrics = [c for c in per_query.columns if c in ("mrr", "recall@10", "greedy_correct") or c.startswith("tail_patch@")]
+    by_id = per_query.set_index("example_id")
+    columns = ["example_id", "prompt", "target", "relation", "bucket", *metrics]
+    for i in range(TOP_IN_TABLE):
+        columns += [f"top{i + 1}", f"top{i + 1}_correct", f"top{i + 1}_score"]
+    rows = []
+    for rec in retrievals:
+        q = by_id.loc[rec["example_id"]]
+        correct = rec.get("proponent_correct") or [s >= 0.5 for s in rec.get("proponent_ais_scores", [])]
+        row = [rec["example_id"], rec["inputs_plaintext"], rec["targets_plaintext"], rec.get("relation"), rec.get("c4_frequency_bucket")]
+        row += [None if pd.isna(q[m]) else (bool(q[m]) if m == "greedy_correct" else float(q[m])) for m in metrics]
+        for i in range(TOP_IN_TABLE):
+            if i < len(rec["proponents"]):
+                row += [rec["proponents"][i], bool(correct[i]) if i < len(correct) else None, float(rec["proponent_scores"][i])]
+            else:
+                row += [None, None, None]
+        rows.append(row)
+    return columns, rows
+
+
+def log_to_wandb(
+    run_dir: Path,
+    config: dict,
+    record: dict,
+    retrievals: Sequence[dict],
+    per_query: pd.DataFrame | None,
+    logger_cfg,
+    group: str,
+    tags: Sequence[str],
+    name: str,
+) -> dict:
+    """Mirror a run record into one W&B run; returns what to note in the record."""
+    mode = resolve_mode(logger_cfg.mode)
+    if mode == "disabled":
+        return {"mode": "disabled"}
+    try:
+        import wandb
+
+        with wandb.init(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            group=group,
+            tags=list(tags),
+            name=name,
+            config=config,
+            dir=str(run_dir),
+            mode=mode,
+            reinit="create_new",
+            settings=wandb.Settings(console="off", silent=True),
+        ) as run:
+            run.summary.update(flat_summary(record))
+            if per_query is not None and len(retrievals):
+                columns, rows = per_query_rows(retrievals, per_query)
+                limit = logger_cfg.max_table_rows
+                run.log({"per_query": wandb.Table(columns=columns, data=rows[:limit] if limit else rows)})
+            return {"mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent), "project": logger_cfg.project}
+    except Exception as exc:  # noqa: BLE001 - W&B trouble must never lose the local record
+        log.warning("W&B logging failed (%s); the local run record in %s is complete", exc, run_dir)
+        return {"mode": mode, "error": f"{type(exc).__name__}: {exc}"}

@@ -1,0 +1,237 @@
+"""The paper's tables (SPEC §3) from the runs DataFrame of :mod:`.runs`.
+
+Each table takes the runs tagged with its name (the run's ``table`` field;
+A.6 and A.7 fall back to the Table 1 runs), keys each run to a row, and reads
+its metric columns. Two runs with one row key (a re-run after a config change
+leaves the old directory behind) keep the most recently finished one; the
+superseded run is named in a warning and in the table's provenance.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..baselines.dense import DEFAULT_MODEL as DENSE_DEFAULT_MODEL
+from .runs import TablesError
+
+METHOD_ORDER = ("bm25", "dense", "grad_dot", "grad_cosine", "trak", "exp1", "exp2", "exp3", "exp4", "exp5", "trackstar")
+METHOD_LABELS = {
+    "bm25": "BM25",
+    "dense": "Dense",
+    "grad_dot": "Gradient dot product",
+    "grad_cosine": "Gradient cosine",
+    "trak": "TRAK",
+    **{f"exp{i}": f"Exp {i}" for i in range(1, 6)},
+    "trackstar": "TrackStar",
+}
+CURVATURE_LABELS = {"none": "none", "train": "R_train", "mix": "R_mix"}
+OUTPUT_FN_ORDER = ("loss", "margin", "logit")
+CORRECTNESS_GROUPS = (("True", "Correct"), ("False", "Incorrect"))
+
+
+@dataclass(frozen=True)
+class Column:
+    """One metric column: its header and its flat metric key."""
+
+    header: str
+    key: str
+
+
+MAIN_COLUMNS = (Column("MRR", "mrr"), Column("Recall@10", "recall@10"), Column("Tail-patch@10 (pp)", "tail_patch@10"))
+
+
+@dataclass
+class PaperTable:
+    """A table ready to render: label columns, metric columns, one row per run."""
+
+    name: str
+    title: str
+    labels: list[str]
+    columns: list[Column]
+    rows: pd.DataFrame
+    note: str | None = None
+    superseded: list[str] = field(default_factory=list)
+
+    @property
+    def runs(self) -> list[str]:
+        return list(self.rows["run"])
+
+    @property
+    def commits(self) -> Counter:
+        return Counter(self.rows["git_commit"])
+
+
+def label_column(header: str) -> str:
+    return f"label:{header}"
+
+
+def method_label(run: pd.Series, corpora: int = 1) -> str:
+    label = METHOD_LABELS.get(run["method"], run["method"])
+    if run["method"] == "dense":
+        model = run.get("dense_model")
+        default = not isinstance(model, str) or model == DENSE_DEFAULT_MODEL
+        label = f"Dense ({'MiniLM' if default else model.rstrip('/').rsplit('/', 1)[-1]}; stands in for Gecko)"
+    return f"{label} ({run['corpus']} set)" if corpora > 1 else label
+
+
+def lam_label(run: pd.Series) -> str:
+    if run["curvature"] != "mix":
+        return "—"  # λ only weighs R_train against R_eval in R_mix
+    if run["lam"] == "auto":
+        used = run.get("lam_used")
+        return f"auto ({used:.3g})" if _is_number(used) else "auto"
+    return f"{float(run['lam']):g}"
+
+
+def yes_no(value) -> str:
+    return "yes" if bool(value) else "no"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def _method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def select(runs: pd.DataFrame, table: str, fallback: str | None = None) -> tuple[pd.DataFrame, str | None]:
+    """Runs tagged ``table``, else those tagged ``fallback``; and a note saying which."""
+    chosen = runs[runs["table"] == table]
+    if chosen.empty and fallback is not None:
+        chosen = runs[runs["table"] == fallback]
+        if not chosen.empty:
+            return chosen, f"No runs tagged {table}; built from the {fallback} runs."
+    return chosen, None
+
+
+def build_table(
+    name: str,
+    title: str,
+    runs: pd.DataFrame,
+    labels: dict[str, Callable[[pd.Series], str]],
+    columns: list[Column],
+    key: Callable[[pd.Series], tuple],
+    note: str | None,
+    strict: bool,
+) -> PaperTable | None:
+    """One row per distinct ``key`` (sorted by it), labelled by ``labels``; None without runs.
+
+    A label is stored as column ``label:<header>`` so that it never shadows a
+    run field of the same name (Table A.4's ``d``).
+    """
+    if runs.empty:
+        return None
+    runs = runs.assign(_key=[key(r) for _, r in runs.iterrows()])
+    latest = runs.sort_values("finished", na_position="first", kind="stable").groupby("_key", sort=False).tail(1)
+    superseded = sorted(set(runs["run"]) - set(latest["run"]))
+    if superseded:
+        message = (
+            f"{name}: {len(superseded)} run(s) share a row with a later run and are left out: "
+            f"{', '.join(superseded)}. Move them out of the results root to silence this."
+        )
+        if strict:
+            raise TablesError(message + " (--strict is set)")
+        warnings.warn(message, stacklevel=3)
+    order = sorted(range(len(latest)), key=lambda i: latest["_key"].iloc[i])
+    rows = latest.iloc[order].reset_index(drop=True)
+    for header, make in labels.items():
+        rows[label_column(header)] = [make(r) for _, r in rows.iterrows()]
+    return PaperTable(name, title, list(labels), list(columns), rows.drop(columns="_key"), note, superseded)
+
+
+def _method_table(name: str, title: str, runs: pd.DataFrame, columns, note, strict) -> PaperTable | None:
+    corpora = runs["corpus"].nunique()
+    return build_table(
+        name, title, runs, {"Method": lambda r: method_label(r, corpora)}, columns,
+        key=lambda r: (str(r["corpus"]), _method_rank(r["method"]), r["method"]), note=note, strict=strict,
+    )
+
+
+def _trackstar_only(name: str, runs: pd.DataFrame) -> pd.DataFrame:
+    others = sorted(set(runs["method"]) - {"trackstar"})
+    if others:
+        warnings.warn(f"{name} is a TrackStar ablation; runs of {others} tagged {name} are left out.", stacklevel=3)
+    return runs[runs["method"] == "trackstar"]
+
+
+def table1(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
+    chosen, note = select(runs, "table1")
+    return _method_table("table1", "Table 1: fact tracing on the closed set (T-REx-like sentences)", chosen, MAIN_COLUMNS, note, strict)
+
+
+def table2(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
+    chosen, note = select(runs, "table2")
+    return _method_table("table2", "Table 2: fact tracing on the open set (the pretraining corpus)", chosen, MAIN_COLUMNS, note, strict)
+
+
+def table_a3(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
+    chosen = _trackstar_only("table_a3", select(runs, "table_a3")[0])
+
+    def rank(r):
+        return (OUTPUT_FN_ORDER.index(r["output_fn"]) if r["output_fn"] in OUTPUT_FN_ORDER else len(OUTPUT_FN_ORDER), r["output_fn"])
+
+    return build_table(
+        "table_a3", "Table A.3: TrackStar by query output function f", chosen,
+        {"Output function": lambda r: str(r["output_fn"]).capitalize()}, MAIN_COLUMNS, key=rank, note=None, strict=strict,
+    )
+
+
+def table_a4(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
+    chosen = _trackstar_only("table_a4", select(runs, "table_a4")[0])
+    return build_table(
+        "table_a4", "Table A.4: TrackStar by projection dimension d", chosen,
+        {"d": lambda r: "full (no projection)" if r["projection"] == "identity" else str(int(r["d"]))},
+        MAIN_COLUMNS, key=lambda r: (1, 0) if r["projection"] == "identity" else (0, int(r["d"])), note=None, strict=strict,
+    )
+
+
+def table_a5(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
+    chosen = _trackstar_only("table_a5", select(runs, "table_a5")[0])
+
+    def rank(r):
+        curvature = list(CURVATURE_LABELS).index(r["curvature"]) if r["curvature"] in CURVATURE_LABELS else len(CURVATURE_LABELS)
+        lam = (1, 0.0) if r["lam"] == "auto" else (0, float(r["lam"]))
+        return (bool(r["use_v"]), curvature, lam if r["curvature"] == "mix" else (0, 0.0), bool(r["unit_norm"]))
+
+    return build_table(
+        "table_a5", "Table A.5: TrackStar ablations: optimizer second moment V, Hessian approximation R, λ", chosen,
+        {"V": lambda r: yes_no(r["use_v"]), "R": lambda r: CURVATURE_LABELS.get(r["curvature"], str(r["curvature"])),
+         "λ": lam_label, "Unit norm": lambda r: yes_no(r["unit_norm"])},
+        MAIN_COLUMNS, key=rank, note=None, strict=strict,
+    )
+
+
+def table_a6(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
+    chosen, note = select(runs, "table_a6", fallback="table1")
+    columns = [Column(f"Tail-patch@{k} (pp)", f"tail_patch@{k}") for k in (1, 3, 5, 10)]
+    return _method_table("table_a6", "Table A.6: tail-patch over the top-k proponents", chosen, columns, note, strict)
+
+
+def table_a7(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
+    chosen, note = select(runs, "table_a7", fallback="table1")
+    columns = [
+        Column(f"{name}: {c.header}", f"split/greedy_correct/{group}/{c.key}")
+        for group, name in CORRECTNESS_GROUPS for c in MAIN_COLUMNS
+    ]
+    return _method_table(
+        "table_a7", "Table A.7: metrics split by model correctness (greedy decoding reproduces the target)",
+        chosen, columns, note, strict,
+    )
+
+
+TABLES: dict[str, Callable[..., PaperTable | None]] = {
+    "table1": table1,
+    "table2": table2,
+    "table_a3": table_a3,
+    "table_a4": table_a4,
+    "table_a5": table_a5,
+    "table_a6": table_a6,
+    "table_a7": table_a7,
+}

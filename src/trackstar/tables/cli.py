@@ -1,0 +1,154 @@
+"""The ``trackstar-tables`` command: run records in, paper tables and Figure 2 out.
+
+    trackstar-tables                                   results/ -> paper_tables/
+    trackstar-tables --tables table1,table_a6 --strict
+    trackstar-tables --source wandb --entity ME --project trackstar-repro
+
+Each table is printed as Markdown and written to ``--out`` as ``.md``,
+``.tex``, ``.csv`` and ``.provenance.json`` (see :mod:`.render`), Figure 2 as
+``figure2.png`` (+ ``.csv``, ``.provenance.json``), and ``README.md`` lists
+what this invocation generated. A table without runs is skipped with a
+message, or is an error under ``--strict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+from ..experiment.records import now
+from ..io import ArtifactError, atomic_write_text, ensure_writable_dir
+from .aggregate import TABLES
+from .figures import figure2, figure2_frame, plot_figure2
+from .render import table_provenance, to_markdown, write_table
+from .runs import RunSet, TablesError, check_commits, describe_commits, load_local_runs, load_wandb_runs
+
+FIGURES = ("figure2",)
+#: The run tags each output is built from, in order of preference (for messages).
+RUN_TAGS = {
+    **{name: (name,) for name in TABLES},
+    "table_a6": ("table_a6", "table1"),
+    "table_a7": ("table_a7", "table1"),
+    "figure2": ("figure2_dim", "table_a4", "figure2_scale"),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trackstar-tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="results", help="results root holding <table>/<run>/metrics.json (default: results)")
+    parser.add_argument("--out", default="paper_tables", help="output directory (default: paper_tables)")
+    parser.add_argument("--source", choices=("local", "wandb"), default="local", help="read local run records or their W&B mirror")
+    parser.add_argument("--entity", help="W&B entity (with --source wandb)")
+    parser.add_argument("--project", help="W&B project (with --source wandb)")
+    parser.add_argument("--strict", action="store_true", help="a table without runs, or two runs for one row, is an error")
+    parser.add_argument("--require-single-commit", action="store_true", help="runs from more than one git commit are an error")
+    parser.add_argument("--tables", help=f"comma-separated subset of: {','.join([*TABLES, *FIGURES])} (default: all)")
+    return parser.parse_args(argv)
+
+
+def requested(value: str | None) -> list[str]:
+    known = [*TABLES, *FIGURES]
+    if not value:
+        return known
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise TablesError(f"--tables: unknown {unknown}; choose from {','.join(known)}.")
+    return names
+
+
+def load(args: argparse.Namespace) -> RunSet:
+    if args.source == "wandb":
+        return load_wandb_runs(args.entity, args.project)
+    return load_local_runs(args.results)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"WARNING: {message}", file=sys.stderr)
+
+
+def generate(args: argparse.Namespace, command: str) -> int:
+    names = requested(args.tables)
+    runs = load(args)
+    check_commits(runs, args.require_single_commit)
+    out = ensure_writable_dir(args.out, "--out directory")
+    generated = now()
+    made, skipped = [], []
+    for name in names:
+        table = figure2(runs.frame, args.strict) if name == "figure2" else TABLES[name](runs.frame, args.strict)
+        if table is None:
+            message = f"{name}: no runs tagged {' or '.join(RUN_TAGS[name])} in {runs.source}; skipped."
+            if args.strict:
+                raise TablesError(
+                    f"{message.replace('; skipped.', '.')} Run its sweep, e.g. "
+                    f"`trackstar-run -m --config-dir sweeps --config-name {RUN_TAGS[name][0]}` (--strict is set)."
+                )
+            print(message, file=sys.stderr)
+            skipped.append(name)
+            continue
+        if name == "figure2":
+            frame = figure2_frame(table)
+            provenance = table_provenance(frame, command, runs.source, runs.commits)
+            write_table(frame, out, provenance, generated)
+            plot_figure2(table, out / "figure2.png")
+            print(to_markdown(frame))
+            made.append((name, frame))
+        else:
+            write_table(table, out, table_provenance(table, command, runs.source, runs.commits), generated)
+            print(to_markdown(table))
+            made.append((name, table))
+    write_index(out, made, skipped, runs, command, generated)
+    print(f"wrote {len(made)} table(s)/figure(s) to {out}", file=sys.stderr)
+    return 0
+
+
+def write_index(out: Path, made: list, skipped: list[str], runs: RunSet, command: str, generated: str) -> None:
+    """``README.md`` of the output directory: what this invocation made, when, from what."""
+    lines = [
+        "# Paper tables and figures",
+        "",
+        f"Generated {generated} by `{command}` from {runs.source}.",
+        "",
+        f"Git commit(s) of the runs: {describe_commits(runs.commits)}.",
+    ]
+    if len(runs.commits) > 1:
+        lines += ["", "**WARNING: the runs come from more than one commit; see each file's provenance.**"]
+    lines += ["", "| output | content | runs |", "|---|---|---:|"]
+    for name, table in made:
+        files = f"[{name}.md]({name}.md), [.tex]({name}.tex), [.csv]({name}.csv)"
+        if name == "figure2":
+            files = "[figure2.png](figure2.png), [.csv](figure2.csv)"
+        lines.append(f"| {files} | {table.title} | {len(table.runs)} |")
+    if skipped:
+        lines += ["", f"Skipped (no runs): {', '.join(skipped)}."]
+    if runs.failed:
+        lines += ["", f"Left out: {len(runs.failed)} run(s) that did not finish:"]
+        lines += [f"- `{f['run']}`: {f['error']}" for f in runs.failed]
+    lines += [
+        "",
+        "Every `.md`, `.tex` and `.csv` opens with a comment naming the command, the source,",
+        "the git commit(s) and every run it was built from; `<name>.provenance.json` holds the",
+        "same for scripts. Read a CSV with `pandas.read_csv(path, comment=\"#\")`.",
+    ]
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["trackstar-tables", *argv])
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _print_warning
+        try:
+            return generate(args, command)
+        except (TablesError, ArtifactError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

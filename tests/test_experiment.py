@@ -1,0 +1,133 @@
+"""The Hydra layer: every config composes, bad configs fail before work, a multirun
+writes run records and W&B offline runs, re-runs skip, failures are recorded."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import trackstar.experiment.run  # noqa: F401 - registers the schema and resolvers
+from trackstar.experiment.run import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "src" / "trackstar" / "conf"
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+TABLES = {"table1", "table2", "table_a3", "table_a4", "table_a5", "table_a6", "table_a7", "figure2_dim", "figure2_scale"}
+
+
+def _compose(name="config", overrides=(), config_dir=CONF):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_one_sweep_file_per_table_and_figure():
+    assert {p.stem for p in SWEEPS} == TABLES
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+def test_every_sweep_grid_point_composes_and_validates(sweep):
+    """Each value of each swept key composes against the schema and passes validation."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    grid = OmegaConf.load(sweep).hydra.sweeper.params
+    parser = OverridesParser.create()
+    # trackstar-run finds the root config in the package and the sweep file through
+    # `--config-dir sweeps`; the compose API needs it the other way round.
+    search = "hydra.searchpath=[pkg://trackstar.conf]"
+    with initialize_config_dir(config_dir=str(sweep.parent), version_base="1.3"):
+        for key, values in grid.items():
+            override = parser.parse_override(f"{key}={values}")
+            choices = list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(values)]
+            for value in choices:
+                cfg = compose(config_name=sweep.stem, overrides=[search, f"{key}={value}"])
+                assert cfg.table == sweep.stem
+                validate(cfg)
+
+
+def test_every_group_option_composes():
+    for group in ("world", "model", "method", "eval", "logger", "experiment", "ablation"):
+        for option in sorted((CONF / group).glob("*.yaml")):
+            overrides = [f"{group}={option.stem}"]
+            if option.stem == "hf":
+                overrides.append("model.hf_name_or_path=/some/local/model")
+            cfg = _compose(overrides=overrides)
+            if group != "model" or option.stem != "hf":
+                validate(cfg)
+
+
+def test_open_set_experiment_and_defaults():
+    cfg = _compose(overrides=["experiment=table2"])
+    assert cfg.eval.corpus == "open" and cfg.table == "table2"
+    default = _compose()
+    assert (default.world.profile, default.model.size, default.method.name) == ("tiny", "tiny", "trackstar")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.bogus=1", "Key 'bogus' not in 'MethodConf'"),
+        ("method.d=abc", "could not be converted to Integer"),
+        ("eval.k=ten", "could not be converted to Integer"),
+        ("world.extra=1", "Key 'extra' not in 'WorldConf'"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_at_composition(override, message):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose(overrides=[override])
+    assert message in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("eval.corpus=foo", "eval.corpus"),
+        ("method.lam=3", "lam"),
+        ("model.checkpoint=0.3", "model.checkpoint"),
+        ("model.size=huge", "huge"),
+        ("world.seed=-1", "seed"),
+        ("logger.mode=sometimes", "logger.mode"),
+        ("eval.k=3", "eval.k"),
+    ],
+)
+def test_bad_values_fail_before_any_work(override, match):
+    with pytest.raises(ValueError, match=match):
+        validate(_compose(overrides=[override]))
+
+
+def _run(args, tmp_path, env_extra=None):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true", **(env_extra or {})}
+    env.pop("WANDB_API_KEY", None)
+    cmd = [sys.executable, "-m", "trackstar.experiment.run", *args,
+           f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}", "progress=false",
+           "world=micro", "model=micro", "method.d=64", "eval.n_queries=6"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.slow
+def test_multirun_records_wandb_skip_and_failure(tmp_path):
+    out = _run(["-m", "--config-dir", str(ROOT / "sweeps"), "--config-name", "table2", "method=bm25,grad_cosine"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted((tmp_path / "res" / "table2").glob("*/metrics.json"))
+    assert len(runs) == 2
+    for path in runs:
+        record = json.loads(path.read_text())
+        assert record["status"] == "finished", record.get("traceback")
+        assert record["table"] == "table2" and record["corpus"] == "open"
+        assert {"mrr", "recall@10", "tail_patch@10"} <= set(record["metrics"])
+        assert record["metrics"]["mrr"]["ci_low"] <= record["metrics"]["mrr"]["mean"] <= record["metrics"]["mrr"]["ci_high"]
+        assert (path.parent / "config.yaml").is_file() and (path.parent / "retrievals.jsonl").is_file()
+        assert record["wandb"]["mode"] == "offline"
+        wandb_runs = list(Path(record["run_dir"]).glob("wandb/offline-run-*"))
+        assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
+    again = _run(["-m", "--config-dir", str(ROOT / "sweeps"), "--config-name", "table2", "method=bm25,grad_cosine"], tmp_path)
+    assert again.stdout.count("[skip]") == 2
+    failing = _run(["-m", "method=bm25", "model=hf", "model.hf_name_or_path=/nonexistent/model,/also/missing"], tmp_path)
+    assert failing.returncode == 0
+    failed = [json.loads(p.read_text()) for p in (tmp_path / "res" / "adhoc").glob("*/metrics.json")]
+    assert len(failed) == 2 and all(r["status"] == "failed" and r["error"] for r in failed)

@@ -1,0 +1,264 @@
+"""Paper tables and Figure 2 from synthetic run records with known numbers."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from trackstar.experiment.tracking import flat_summary
+from trackstar.tables import TABLES, TablesError, check_commits, figure2, load_local_runs, load_wandb_runs, to_latex, to_markdown
+from trackstar.tables.aggregate import label_column
+from trackstar.tables.cli import main
+from trackstar.tables.runs import FailedRunsWarning, MixedCommitWarning
+
+PRESETS = {  # SPEC §1.6, as a run's info.settings would record them
+    "grad_dot": ("loss", False, "none", False), "grad_cosine": ("loss", False, "none", True),
+    "trak": ("margin", False, "train", False), "exp1": ("loss", False, "train", False),
+    "exp2": ("loss", True, "train", False), "exp3": ("loss", True, "none", True),
+    "exp4": ("loss", True, "train", True), "exp5": ("loss", False, "mix", True), "trackstar": ("loss", True, "mix", True),
+}
+METHODS = ["bm25", "dense", *PRESETS]
+
+
+def stats(mean: float, n: int = 20) -> dict:
+    return {"mean": mean, "ci_low": round(mean - 0.05, 6), "ci_high": round(mean + 0.05, 6), "n": n}
+
+
+def record(table: str, method: str, mrr: float, *, corpus="closed", commit="c0ffee", finished="2025-01-01T00:00:00+00:00",
+           size="tiny", checkpoint=1.0, lam_used=None, **method_fields) -> dict:
+    tp = {f"tail_patch@{k}": stats(mrr / k) for k in (1, 3, 5, 10)}
+    metrics = {"mrr": stats(mrr), "recall@10": stats(mrr + 0.1), "precision@10": stats(mrr / 10), **tp}
+    split = {"True": {"mrr": stats(mrr + 0.2, 8), "recall@10": stats(mrr + 0.3, 8), "tail_patch@10": stats(mrr / 5, 8)},
+             "False": {"mrr": stats(mrr - 0.2, 12), "recall@10": stats(mrr - 0.1, 12), "tail_patch@10": stats(mrr / 20, 12)}}
+    info: dict = {"method": method, "corpus": corpus, "k": 10}
+    method_config = {"name": method, "output_fn": None, "use_v": None, "curvature": None, "unit_norm": None, "lam": None,
+                     "projection": "gaussian", "d": 1024, "dense_model": None, **method_fields}
+    if method in PRESETS:
+        settings = dict(zip(("output_fn", "use_v", "curvature", "unit_norm"), PRESETS[method], strict=True))
+        settings.update({"lam": 0.9, "projection": "gaussian", "d": 1024})
+        settings.update({k: v for k, v in method_fields.items() if v is not None})
+        info.update({"settings": settings, "lambda": lam_used if lam_used is not None else settings["lam"]})
+    return {
+        "status": "finished", "error": None, "config_id": f"{table}-{method}-{mrr}", "table": table, "method": method,
+        "corpus": corpus, "world": {"profile": "tiny", "seed": 0},
+        "model": {"family": "gpt2", "size": size, "optimizer": "adafactor", "seed": 0, "checkpoint": checkpoint,
+                  "checkpoint_fractions": [0.25, 0.5, 1.0], "epochs": None, "hf_name_or_path": None},
+        "method_config": method_config, "eval": {"corpus": corpus, "k": 10, "tail_patch_ks": [1, 3, 5, 10]},
+        "metrics": metrics, "splits": {"greedy_correct": split}, "info": info, "timings": {"total": 1.0},
+        "git_commit": commit, "finished": finished,
+    }
+
+
+def write(root: Path, rec: dict, name: str | None = None) -> Path:
+    run_dir = root / rec["table"] / (name or f"{rec['method']}-{rec['corpus']}-{abs(hash(rec['config_id'])) % 10**8:08d}")
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({**rec, "run_dir": str(run_dir)}))
+    return run_dir
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    for i, method in enumerate(METHODS):
+        write(root, record("table1", method, 0.1 + 0.05 * i))
+    for i, method in enumerate(["bm25", "dense", "grad_dot", "grad_cosine", "trackstar"]):
+        write(root, record("table2", method, 0.3 + 0.01 * i, corpus="open"))
+    for fn, mrr in (("logit", 0.21), (None, 0.23), ("margin", 0.22)):
+        write(root, record("table_a3", "trackstar", mrr, output_fn=fn))
+    for d, mrr in ((4096, 0.34), (256, 0.31), (1024, 0.33)):
+        write(root, record("table_a4", "trackstar", mrr, d=d))
+    for use_v, curv, lam, mrr in ((True, "mix", 0.9, 0.40), (True, "mix", "auto", 0.41), (False, "none", None, 0.20), (True, "train", None, 0.30)):
+        write(root, record("table_a5", "trackstar", mrr, use_v=use_v, curvature=curv, lam=lam,
+                           lam_used=0.95 if lam == "auto" else None))
+    for size, mrr in (("micro", 0.1), ("small", 0.3), ("tiny", 0.2)):
+        write(root, record("figure2_scale", "trackstar", mrr, size=size))
+    for frac, mrr in ((0.25, 0.05), (0.5, 0.12)):
+        write(root, record("figure2_scale", "trackstar", mrr, checkpoint=frac))
+    return root
+
+
+def labels(table, header="Method") -> list[str]:
+    return list(table.rows[label_column(header)])
+
+
+def test_table1_rows_in_paper_order_with_ci_cells(results):
+    table = TABLES["table1"](load_local_runs(results).frame)
+    assert labels(table) == ["BM25", "Dense (MiniLM; stands in for Gecko)", "Gradient dot product", "Gradient cosine",
+                             "TRAK", "Exp 1", "Exp 2", "Exp 3", "Exp 4", "Exp 5", "TrackStar"]
+    md = to_markdown(table)
+    assert "| Method | MRR | Recall@10 | Tail-patch@10 (pp) |" in md
+    # BM25: mrr 0.1 -> [0.05, 0.15], recall 0.2, tail-patch@10 = 0.01
+    assert "| BM25 | 0.100 [0.050, 0.150] | 0.200 [0.150, 0.250] | 0.010 [-0.040, 0.060] |" in md
+    assert "TrackStar & 0.600 [0.550, 0.650]" in to_latex(table)
+
+
+def test_table2_and_ablation_tables(results):
+    runs = load_local_runs(results).frame
+    t2 = TABLES["table2"](runs)
+    assert labels(t2) == ["BM25", "Dense (MiniLM; stands in for Gecko)", "Gradient dot product", "Gradient cosine", "TrackStar"]
+    assert t2.rows["mrr"].tolist() == pytest.approx([0.30, 0.31, 0.32, 0.33, 0.34])
+    a3 = TABLES["table_a3"](runs)
+    assert labels(a3, "Output function") == ["Loss", "Margin", "Logit"]  # a null output_fn is the preset's loss
+    assert a3.rows["mrr"].tolist() == pytest.approx([0.23, 0.22, 0.21])
+    a4 = TABLES["table_a4"](runs)
+    assert labels(a4, "d") == ["256", "1024", "4096"]
+    a5 = TABLES["table_a5"](runs)
+    got = [(r[label_column("V")], r[label_column("R")], r[label_column("λ")], r["mrr"]) for _, r in a5.rows.iterrows()]
+    assert got == [("no", "none", "—", 0.20), ("yes", "R_train", "—", 0.30), ("yes", "R_mix", "0.9", 0.40), ("yes", "R_mix", "auto (0.95)", 0.41)]
+    assert "$\\lambda$" in to_latex(a5)
+
+
+def test_a6_and_a7_fall_back_to_table1_runs(results):
+    runs = load_local_runs(results).frame
+    a6 = TABLES["table_a6"](runs)
+    assert "table1 runs" in a6.note and len(a6.rows) == len(METHODS)
+    assert [c.header for c in a6.columns] == [f"Tail-patch@{k} (pp)" for k in (1, 3, 5, 10)]
+    assert a6.rows.loc[0, "tail_patch@3"] == pytest.approx(0.1 / 3)
+    a7 = TABLES["table_a7"](runs)
+    md = to_markdown(a7)
+    assert "Correct: MRR" in md and "Incorrect: Tail-patch@10 (pp)" in md
+    # BM25 (mrr 0.1): correct 0.3, incorrect -0.1
+    assert md.splitlines()[4].startswith("| BM25 | 0.300 [0.250, 0.350] | 0.400 [0.350, 0.450] | 0.020 [-0.030, 0.070] | -0.100 [")
+
+
+def test_cli_writes_every_format_with_provenance(results, tmp_path, capsys):
+    out = tmp_path / "paper_tables"
+    assert main(["--results", str(results), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "### Table 1" in stdout and "| TrackStar | 0.600 [0.550, 0.650]" in stdout
+    for name in [*TABLES, "figure2"]:
+        for ext in ("md", "tex", "csv", "provenance.json"):
+            assert (out / f"{name}.{ext}").is_file(), f"{name}.{ext}"
+    bm25_dir = next((results / "table1").glob("bm25-*"))
+    for ext in ("md", "tex", "csv"):
+        text = (out / f"table1.{ext}").read_text()
+        assert str(bm25_dir) in text and "c0ffee (11 runs)" in text and "trackstar-tables --results" in text
+        assert ext == "csv" or "0.600 [0.550, 0.650]" in text
+    csv = pd.read_csv(out / "table1.csv", comment="#")
+    row = csv[csv["Method"] == "TrackStar"].iloc[0]
+    assert (row["MRR mean"], row["MRR ci_low"], row["MRR ci_high"], row["MRR n"]) == pytest.approx((0.6, 0.55, 0.65, 20))
+    prov = json.loads((out / "table1.provenance.json").read_text())
+    assert prov["git_commits"] == {"c0ffee": 11} and str(bm25_dir) in prov["runs"] and not prov["mixed_commits"]
+    readme = (out / "README.md").read_text()
+    assert "[table1.md](table1.md)" in readme and str(results) in readme and "c0ffee" in readme
+    png = (out / "figure2.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_figure2_panels(results):
+    fig = figure2(load_local_runs(results).frame)
+    assert "table_a4 runs" in fig.panels["d"].note  # no figure2_dim runs
+    assert labels(fig.panels["d"], "Projection dimension d") == ["256", "1024", "4096"]
+    assert labels(fig.panels["size"], "Model size") == ["micro", "tiny", "small"]
+    assert labels(fig.panels["step"], "Fraction of training steps") == ["0.25", "0.5", "1"]
+
+
+def test_absent_table_is_skipped_or_strict_error(results, tmp_path, capsys):
+    out = tmp_path / "out"
+    (results / "table2").rename(tmp_path / "elsewhere")
+    assert main(["--results", str(results), "--out", str(out), "--tables", "table1,table2"]) == 0
+    assert "table2: no runs tagged table2" in capsys.readouterr().err
+    assert (out / "table1.md").is_file() and not (out / "table2.md").exists()
+    assert "Skipped (no runs): table2" in (out / "README.md").read_text()
+    assert main(["--results", str(results), "--out", str(out), "--tables", "table2", "--strict"]) == 2
+    assert "--config-name table2" in capsys.readouterr().err
+    assert main(["--results", str(results), "--out", str(out), "--tables", "table9"]) == 2
+    assert "unknown ['table9']" in capsys.readouterr().err
+
+
+def test_mixed_commits_warn_and_error_with_flag(results, tmp_path, capsys):
+    write(results, record("table1", "trak", 0.9, commit="deadbeef-dirty", finished="2025-02-01T00:00:00+00:00"), name="trak-rerun")
+    runs = load_local_runs(results)
+    with pytest.warns(MixedCommitWarning, match=r"c0ffee \(\d+ runs\), deadbeef-dirty \(1 run\)"):
+        check_commits(runs)
+    with pytest.raises(TablesError, match="require-single-commit"):
+        check_commits(runs, require_single=True)
+    out = tmp_path / "out"
+    assert main(["--results", str(results), "--out", str(out), "--tables", "table1"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: The runs come from 2 different git commits" in err
+    assert "share a row with a later run" in err  # the older TRAK run is superseded
+    text = (out / "table1.md").read_text()
+    assert "MIXED COMMITS" in text and "deadbeef-dirty (1 run)" in text and "Superseded runs" in text
+    # A table of one commit still tells that the results root is mixed.
+    assert main(["--results", str(results), "--out", str(out), "--tables", "table2"]) == 0
+    assert "the runs loaded with these span 2 commits" in (out / "table2.md").read_text()
+    assert "| TRAK | 0.900 [" in text
+    assert main(["--results", str(results), "--out", str(out), "--require-single-commit"]) == 2
+    assert "deadbeef-dirty" in capsys.readouterr().err
+
+
+def test_no_runs_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(TablesError, match=r"No run records.*trackstar-run -m --config-dir sweeps"):
+        load_local_runs(tmp_path / "nothing")
+    assert main(["--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    assert "nothing" in capsys.readouterr().err
+
+
+def test_failed_runs_are_reported_and_left_out(results):
+    failed = write(results, {**record("table1", "exp3", 0.99), "status": "failed", "error": "ValueError: boom",
+                             "metrics": None}, name="exp3-failed")
+    with pytest.warns(FailedRunsWarning, match="exp3-failed: failed: ValueError: boom"):
+        runs = load_local_runs(results)
+    assert [f["run"] for f in runs.failed] == [str(failed)]
+    assert 0.99 not in TABLES["table1"](runs.frame).rows["mrr"].tolist()
+
+
+class FakeSummary(dict):
+    pass
+
+
+class FakeRun:
+    def __init__(self, rec: dict, run_id: str, state="finished"):
+        self.path = ["me", "proj", run_id]
+        self.state = state
+        self.created_at = rec["finished"]
+        self.metadata = {"git": {"commit": rec["git_commit"]}}
+        self.config = {"table": rec["table"], "world": rec["world"], "model": rec["model"],
+                       "method": rec["method_config"], "eval": rec["eval"], "logger": {"mode": "online"}}
+        self.summary = FakeSummary(flat_summary(rec) if state == "finished" else {})
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs = runs
+        self.asked = None
+
+    def runs(self, path):
+        self.asked = path
+        return self._runs
+
+
+def test_wandb_source_with_a_fake_api(monkeypatch, tmp_path, capsys):
+    recs = [record("table1", "bm25", 0.3), record("table1", "trackstar", 0.5), record("table1", "exp5", 0.4)]
+    api = FakeApi([FakeRun(r, f"id{i}") for i, r in enumerate(recs)] + [FakeRun(recs[0], "crashed1", state="crashed")])
+    with pytest.warns(FailedRunsWarning, match="wandb:me/proj/crashed1"):
+        runs = load_wandb_runs("me", "proj", api=api)
+    assert api.asked == "me/proj"
+    table = TABLES["table1"](runs.frame)
+    assert labels(table) == ["BM25", "Exp 5", "TrackStar"]
+    trackstar = table.rows.iloc[2]
+    assert (trackstar["curvature"], trackstar["lam"]) == ("mix", 0.9)  # nulls resolved to the preset and closed-set λ
+    assert "| TrackStar | 0.500 [0.450, 0.550] |" in to_markdown(table)
+    # W&B keeps only a split's mean: the cell shows it without an interval.
+    assert "| BM25 | 0.500 | 0.600 |" in to_markdown(TABLES["table_a7"](runs.frame))
+
+    import wandb
+
+    monkeypatch.setattr(wandb, "Api", lambda: api)
+    out = tmp_path / "out"
+    assert main(["--source", "wandb", "--entity", "me", "--project", "proj", "--out", str(out), "--tables", "table1"]) == 0
+    assert "wandb:me/proj/id1" in (out / "table1.md").read_text()
+    assert main(["--source", "wandb", "--out", str(out)]) == 2
+    assert "--entity and --project" in capsys.readouterr().err
+
+
+def test_markdown_is_printed_in_full_to_stdout(results, tmp_path, capsys):
+    assert main(["--results", str(results), "--out", str(tmp_path / "o"), "--tables", "table_a4"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(to_markdown(TABLES["table_a4"](load_local_runs(results).frame)))
+    assert io.StringIO(printed).readline().startswith("### Table A.4")
