@@ -4,7 +4,8 @@ from trackstar.cli import main
 
 
 def test_quick_builds_world_pretrains_and_reports(tmp_path, capsys):
-    args = ["--artifacts", str(tmp_path), "quick", "--profile", "micro", "--size", "micro", "--epochs", "2"]
+    args = ["--artifacts", str(tmp_path), "quick", "--profile", "micro", "--size", "micro", "--epochs", "2", "--tables", "",
+            "--results", str(tmp_path / "res"), "--paper-tables", str(tmp_path / "tables")]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "world micro seed=0" in out and "model gpt2-micro" in out
@@ -21,3 +22,19 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert "seed must be a non-negative integer" in capsys.readouterr().err
     assert main(["--artifacts", str(tmp_path), "pretrain", "--world", str(tmp_path / "nope")]) == 2
     assert "is not a built world" in capsys.readouterr().err
+
+
+def test_score_reads_release_schema_files(tmp_path, capsys):
+    from test_evaluation_metrics import FIXTURE
+
+    from trackstar.io import write_jsonl
+
+    write_jsonl(tmp_path / "retrievals.jsonl", FIXTURE)
+    assert main(["score", str(tmp_path / "retrievals.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "4 queries scored (1 without a gold sentence left out)" in out
+    assert f"mrr           {(1 / 3 + 0 + 1 / 2 + 1 / 11) / 4:.3f}" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"example_id": "x"}\n')
+    assert main(["score", str(bad)]) == 2
+    assert "lacks" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
     trackstar world    --profile tiny --seed 0            build (or reuse) a fact world
     trackstar pretrain --world PATH --size tiny            pretrain (or resume) a model on it
-    trackstar quick                                        world + model + fact accuracy per bucket
+    trackstar quick                                        world, model, every table's sweep, paper tables
     trackstar sanity                                       top proponents per method; gold vs random tail-patch
+    trackstar score FILE...                                metrics of release-schema retrieval files
 
 Artifacts go under ``--artifacts`` (default ``$TRACKSTAR_ARTIFACTS`` or
 ``./artifacts``), addressed by the settings that determine them, so re-running
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,10 +81,51 @@ def report_accuracy(checkpoint: Path) -> None:
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
+#: Every table and figure of the paper, in the order the quick reproduction runs them.
+SWEEPS = ("table1", "table2", "table_a3", "table_a4", "table_a5", "table_a6", "table_a7", "figure2_dim", "figure2_scale")
+
+
+def sweeps_dir() -> Path:
+    return Path(__file__).parent / "sweeps"
+
+
 def cmd_quick(args) -> None:
+    """World, model, then every table's sweep (quick setting), then the tables themselves."""
+    from .tables.cli import main as tables_main
+
     args.out = None
+    t0 = time.perf_counter()
     world = cmd_world(args)
     cmd_pretrain(args, world)
+    root = _artifacts_root(args.artifacts)
+    sweeps = SWEEPS if args.tables == "all" else tuple(t for t in args.tables.split(",") if t)
+    unknown = sorted(set(sweeps) - set(SWEEPS))
+    if unknown:
+        raise ValueError(f"--tables: unknown {unknown}; choose from {', '.join(SWEEPS)} or 'all'.")
+    timings = {}
+    for name in sweeps:
+        cmd = [
+            sys.executable, "-m", "trackstar.experiment.run", "-m", "--config-dir", str(sweeps_dir()), "--config-name", name,
+            f"artifacts_dir={root}", f"results_dir={args.results}", f"world.profile={args.profile}", f"world.seed={args.seed}",
+            f"model.family={args.family}", f"model.optimizer={args.optimizer}", f"model.seed={args.model_seed}",
+            *([f"model.epochs={args.epochs}"] if args.epochs is not None else []),
+            *([f"model={args.size}"] if name != "figure2_scale" else []),
+            *args.override,
+        ]
+        print(f"\n== {name}: {' '.join(cmd[2:])}", flush=True)
+        t = time.perf_counter()
+        if subprocess.run(cmd).returncode != 0:
+            print(f"{name}: the sweep exited with an error; its run records say which jobs failed", file=sys.stderr)
+        timings[name] = time.perf_counter() - t
+        print(f"== {name} done in {timings[name] / 60:.1f} min", flush=True)
+    if not sweeps:
+        return
+    print()
+    rc = tables_main(["--results", str(args.results), "--out", str(args.paper_tables)])
+    print("\nwall time per sweep (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
+    print(f"quick reproduction: {(time.perf_counter() - t0) / 60:.1f} min in all; tables in {args.paper_tables}/")
+    if rc:
+        raise ValueError("table aggregation failed; see the message above")
 
 
 def cmd_sanity(args) -> None:
@@ -97,6 +140,21 @@ def cmd_sanity(args) -> None:
     print()
     print(sanity_report(load_world(world), load_checkpoint(final_checkpoint(run)), n_facts=args.facts,
                         work_dir=root / "features" / f"sanity-{run.name}"))
+
+
+def cmd_score(args) -> None:
+    """Score release-schema retrieval files: ours, or the paper's released ones."""
+    from .evaluation.metrics import score_retrievals
+    from .evaluation.splits import summarize
+    from .io import read_jsonl
+
+    for path in args.files:
+        per_query = score_retrievals(read_jsonl(path), source=path)
+        scored = per_query[per_query["has_trex_sentence"]]
+        table = summarize(scored, ["mrr", "recall@10", "precision@10"])
+        print(f"{path}: {len(scored)} queries scored ({len(per_query) - len(scored)} without a gold sentence left out)")
+        for row in table.to_dict("records"):
+            print(f"  {row['metric']:<13} {row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,10 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default under ARTIFACTS/models/)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("quick", help="the main job on the embedded default: tiny world, tiny model, fact accuracy")
+    p = sub.add_parser("quick", help="the quick reproduction of every table: world, model, all sweeps, paper tables")
     world_args(p, "tiny")
     model_args(p, "tiny")
+    p.add_argument("--tables", default="all", help=f"comma-separated subset of {', '.join(SWEEPS)} (default: all)")
+    p.add_argument("--results", default="results", help="run records root (default ./results)")
+    p.add_argument("--paper-tables", default="paper_tables", help="where the tables go (default ./paper_tables)")
+    p.add_argument("override", nargs="*", help="extra Hydra overrides for every job, e.g. logger=none method.d=256")
     p.set_defaults(func=cmd_quick)
+
+    p = sub.add_parser("score", help="MRR / recall@10 / precision@10 of release-schema retrieval files")
+    p.add_argument("files", nargs="+", help="retrieval JSONL files (ours, or the paper's release)")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("sanity", help="top proponents of frequent facts per method; gold vs random tail-patch")
     world_args(p, "tiny")
@@ -150,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, ArtifactError) as exc:
+    except (ValueError, KeyError, ArtifactError) as exc:
         print(f"trackstar {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
