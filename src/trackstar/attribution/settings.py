@@ -19,6 +19,7 @@ PROJECTIONS = ("identity", "gaussian")
 PARAM_SETS = ("default", "all")
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 ADAM_MODES = ("exact", "rank1")
+SCORERS = ("stream", "faiss")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class AttributionSettings:
     curvature, lam, damping, block_diagonal: R and R^{-1/2} (§1.5).
     unit_norm: normalize each feature to unit length after R^{-1/2}.
     k: number of proponents and opponents kept per query.
+    scorer: ``stream`` multiplies streamed training chunks against all
+        queries (exact, memory flat in N); ``faiss`` builds a FAISS
+        inner-product index of the transformed training features (needs the
+        ``faiss`` extra; its memory grows with N).
     params: ``default`` = weight matrices of the block linear layers (fast
         path); ``all`` = every parameter through plain per-example autograd.
     """
@@ -61,6 +66,7 @@ class AttributionSettings:
     params: Literal["default", "all"] = "default"
     storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     padding_side: Literal["right", "left"] = "right"
+    scorer: Literal["stream", "faiss"] = "stream"
 
     def __post_init__(self) -> None:
         choices = {
@@ -72,6 +78,7 @@ class AttributionSettings:
             "storage_dtype": STORAGE_DTYPES,
             "adam_mode": ADAM_MODES,
             "padding_side": ("right", "left"),
+            "scorer": SCORERS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
