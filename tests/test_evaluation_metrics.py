@@ -104,3 +104,21 @@ def test_summarize_by_split():
     assert row["group"] == "P36" and row["n"] == 4 and row["ci_low"] <= row["mean"] <= row["ci_high"]
     with pytest.raises(KeyError, match="no column"):
         summarize(df, ["nope"])
+
+
+def test_label_retrievals_against_the_world(micro_world):
+    from trackstar.evaluation.retrievals import label_retrievals
+
+    q = next(q for q in micro_world.queries if q["has_trex_sentence"])
+    gold = micro_world.facts_by_id[q["fact_id"]]["trex_sentences"][0]
+    other = next(s["sentence_id"] for s in micro_world.sentences if q["fact_id"] not in s["fact_ids"])
+    rec = record(q["example_id"], [])
+    rec.update(proponent_ids=[other, gold], proponents=["", ""], proponent_scores=[2.0, 1.0])
+    del rec["proponent_correct"]
+    (labelled,) = label_retrievals([rec], micro_world, "closed")
+    assert labelled["proponent_correct"] == [False, True]
+    assert score_retrievals([labelled]).loc[0, "mrr"] == pytest.approx(0.5)
+    with pytest.raises(KeyError, match="not a query of the world"):
+        label_retrievals([dict(rec, example_id="Q99999")], micro_world, "closed")
+    with pytest.raises(KeyError, match="proponent id 'S999999' is not in the closed corpus"):
+        label_retrievals([dict(rec, proponent_ids=["S999999"])], micro_world, "closed")

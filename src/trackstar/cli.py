@@ -148,8 +148,18 @@ def cmd_score(args) -> None:
     from .evaluation.splits import summarize
     from .io import read_jsonl
 
+    world = None
+    if args.world:
+        from .world import load_world
+
+        world = load_world(args.world)
     for path in args.files:
-        per_query = score_retrievals(read_jsonl(path), source=path)
+        records = read_jsonl(path)
+        if world is not None:
+            from .evaluation.retrievals import label_retrievals
+
+            records = label_retrievals(records, world, args.corpus, source=path)
+        per_query = score_retrievals(records, source=path)
         scored = per_query[per_query["has_trex_sentence"]]
         table = summarize(scored, ["mrr", "recall@10", "precision@10"])
         print(f"{path}: {len(scored)} queries scored ({len(per_query) - len(scored)} without a gold sentence left out)")
@@ -200,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="MRR / recall@10 / precision@10 of release-schema retrieval files")
     p.add_argument("files", nargs="+", help="retrieval JSONL files (ours, or the paper's release)")
+    p.add_argument("--world", help="label proponents against this world (for files without correctness labels)")
+    p.add_argument("--corpus", default="closed", choices=["closed", "open"], help="which corpus the proponents come from")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("sanity", help="top proponents of frequent facts per method; gold vs random tail-patch")

@@ -45,8 +45,8 @@ def proponent_correctness(record: dict, source: str = "retrievals") -> list[bool
     else:
         raise RetrievalRecordError(
             f"{name} has neither 'proponent_correct' (closed set) nor 'proponent_ais_scores' "
-            "(open set), so its proponents cannot be judged. Score it against the world with "
-            "trackstar.evaluation.label_retrievals first."
+            "(open set), so its proponents cannot be judged. Label it against the world with "
+            "trackstar.evaluation.retrievals.label_retrievals first."
         )
     if len(correct) != len(record["proponent_ids"]):
         raise RetrievalRecordError(

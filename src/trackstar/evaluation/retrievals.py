@@ -89,3 +89,32 @@ def retrieval_record(
         rec["opponent_ids"] = list(opponent_ids)
         rec["opponent_scores"] = [float(s) for s in opponent_scores or []]
     return rec
+
+
+def label_retrievals(records: Sequence[dict], world, corpus_name: str, source: str = "retrievals") -> list[dict]:
+    """Add ``proponent_correct`` (closed) or ``proponent_ais_scores`` (open) from the world.
+
+    For retrieval files made elsewhere (another tool, or an edited release
+    file) over this world's corpus. A query id not in the world or a
+    proponent id not in the corpus is an error naming the record.
+    """
+    corpus = Corpus.from_world(world, corpus_name)
+    queries = {q["example_id"]: q for q in world.queries}
+    labelled = []
+    for i, rec in enumerate(records):
+        qid = rec.get("example_id")
+        if qid not in queries:
+            raise KeyError(
+                f"{source}: record {i} has example_id={qid!r}, which is not a query of the world at "
+                f"{world.path}. Score it against the world it was retrieved from."
+            )
+        fact = queries[qid]["fact_id"]
+        positions = [corpus.position(p, f"{source}: record {i} (example_id={qid!r})") for p in rec.get("proponent_ids", [])]
+        out = dict(rec)
+        if corpus.name == "closed":
+            out["proponent_correct"] = [fact in corpus.fact_ids[j] for j in positions]
+            out.setdefault("has_trex_sentence", queries[qid]["has_trex_sentence"])
+        else:
+            out["proponent_ais_scores"] = [1.0 if fact in corpus.fact_ids[j] else 0.0 for j in positions]
+        labelled.append(out)
+    return labelled
