@@ -30,6 +30,7 @@ from .stages import (
     pretrain_stage,
     retrieval_key,
     retrieval_stage,
+    stage_lock,
 )
 from .tracking import log_to_wandb
 
@@ -126,6 +127,14 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     features = artifacts / "features" / ckpt_id.replace("/", "__").replace(":", "_") / cfg.eval.corpus
 
     def compute():
+        if cfg.method.name in BASELINES:
+            return _retrieve()
+        # Gradient methods of one checkpoint and corpus share feature stores
+        # (e.g. exp2 and exp4); parallel jobs take turns writing them.
+        with stage_lock(artifacts, f"features-{features.parent.name}-{features.name}"):
+            return _retrieve()
+
+    def _retrieve():
         return retrieve(
             cfg.method.name, world, cfg.eval.corpus, checkpoint=checkpoint, queries=queries, k=cfg.eval.k,
             settings_overrides=None if cfg.method.name in BASELINES else method_overrides(cfg.method),
