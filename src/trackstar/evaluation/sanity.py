@@ -24,7 +24,7 @@ def sanity_report(
     n_facts: int = 4,
     top: int = 3,
     n_random: int = 3,
-    d: int = 1024,
+    d: int = 4096,
     seed: int = 0,
     work_dir=None,
     progress: bool = False,
