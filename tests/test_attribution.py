@@ -41,7 +41,7 @@ from trackstar.attribution.second_moment import (
 
 WORDS = (
     "<unk> <bos> the a of is capital city paris france rome italy berlin germany river "
-    "runs through lives in was born at and famous for its old town big small north south"
+    "runs through lives in was born at and famous for its old town big small north south <eos>"
 ).split()
 
 TRAIN = [
@@ -62,7 +62,7 @@ QUERIES = [("the capital of france is", "paris"), ("the capital of italy is", "r
 def make_tokenizer():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
 
 
 def make_gpt2(width=16, layers=2, seed=0):
@@ -122,7 +122,7 @@ def ref_gradient(model, tokenizer, names, text=None, prompt=None, target=None,
     """Flat O×I row-major gradient of one example, plain autograd, no padding."""
     bos = [tokenizer.bos_token_id]
     if text is not None:
-        ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         first_target = 1
         output_fn = "loss"
     else:
@@ -462,7 +462,7 @@ def test_inner_products_are_preserved_as_d_grows(tokenizer):
     # of it has heavy-tailed error; average over seeds.
     for d in (7 * 4, 7 * 64, 7 * 512):
         trials = []
-        for seed in range(4):
+        for seed in range(8):
             x = lib_features(model, tokenizer, examples, sites=sites,
                              projector=Projector(sites, "gaussian", d, seed)).double()
             trials.append(((x @ x.T - exact_gram).norm() / exact_gram.norm()).item())

@@ -60,8 +60,13 @@ def _check_length(ids: Sequence[int], limit: int | None, name: str) -> None:
 
 
 def training_example(tokenizer, text: str, name: str, limit: int | None) -> Example:
-    """A pretraining passage; f = mean LM loss over its T-1 predicted tokens."""
-    ids = _bos(tokenizer) + _encode(tokenizer, text)
+    """A pretraining passage; f = mean LM loss over its T-1 predicted tokens.
+
+    The passage is tokenized as pretraining saw it, ``bos + text + eos``, so f
+    is the loss the model was trained on and tail-patch steps on.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = _bos(tokenizer) + _encode(tokenizer, text) + eos
     if len(ids) < 2:
         raise ValueError(
             f"Training example {name} ({text!r}) has {len(ids)} token(s); the LM loss "

@@ -20,8 +20,6 @@ RETRIEVAL_FIELDS = (
     "proponent_ids",
     "proponent_scores",
 )
-#: Fields a T-REx (fact tracing) record adds.
-TREX_FIELDS = ("fact_id", "relation", "c4_frequency", "c4_frequency_bucket")
 
 #: Open-set passages count as correct when the entailment score reaches this
 #: threshold (the paper's AIS threshold).

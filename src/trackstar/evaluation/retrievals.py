@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-QUERY_SETS = ("trex", "c4")
-
-
 class Corpus:
     """Candidate texts of one retrieval set, with the facts each states.
 

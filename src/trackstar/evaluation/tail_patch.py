@@ -210,7 +210,7 @@ def tail_patch(
             p0, p1 = math.exp(lp0), math.exp(lp1)
             rows.append({
                 "example_id": qid, "rank": rank, "proponent_id": pid, "p_before": p0, "p_after": p1,
-                "delta_pp": 100.0 * (p1 - p0), "relative": p1 / p0 - 1.0 if p0 > 0 else float("nan"),
+                "delta_pp": 100.0 * (p1 - p0), "relative": math.expm1(lp1 - lp0),
                 "delta_logprob": lp1 - lp0,
             })
     return pd.DataFrame(rows)

@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 import hydra
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -93,8 +94,8 @@ def validate(cfg: DictConfig) -> None:
     resolve_mode(cfg.logger.mode)
 
 
-def execute(cfg: DictConfig, run_dir: Path) -> dict:
-    """All stages of one run; returns the finished run record (also written to disk)."""
+def execute(cfg: DictConfig, run_dir: Path) -> tuple[dict, list[dict], pd.DataFrame]:
+    """All stages of one run: (record fields, retrieval records, per-query metrics)."""
     from ..evaluation.fact_tracing import BASELINES, evaluate, metric_columns, retrieve
     from ..lm import evaluate_queries, load_checkpoint, load_hf_causal_lm
     from ..world import load_world

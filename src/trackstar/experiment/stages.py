@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..io import ArtifactError, atomic_directory, atomic_write_json, config_hash, read_json, read_jsonl, write_jsonl
+from ..io import atomic_directory, atomic_write_json, config_hash, is_complete, read_json, read_jsonl, write_jsonl
 
 
 @contextmanager
@@ -94,12 +94,10 @@ def retrieval_stage(artifacts: Path, key: str, compute) -> tuple[list[dict], dic
     """Cached retrieval records (release schema) and their info, computed once per key."""
     path = Path(artifacts) / "retrievals" / key
     with stage_lock(artifacts, f"retrieval-{key}"):
-        if (path / "info.json").is_file():
+        if is_complete(path):
             return read_jsonl(path / "retrievals.jsonl"), read_json(path / "info.json")
         records, info = compute()
-        if path.exists():
-            raise ArtifactError(f"{str(path)!r} exists without info.json: a killed run left it. Delete it and re-run.")
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path) as tmp:  # replaces anything incomplete left by a kill
             write_jsonl(tmp / "retrievals.jsonl", records)
             atomic_write_json(tmp / "info.json", info)
         return records, info

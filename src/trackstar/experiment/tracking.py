@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..evaluation.metrics import proponent_correctness
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -70,7 +72,7 @@ def per_query_rows(retrievals: Sequence[dict], per_query: pd.DataFrame) -> tuple
     rows = []
     for rec in retrievals:
         q = by_id.loc[rec["example_id"]]
-        correct = rec.get("proponent_correct") or [s >= 0.5 for s in rec.get("proponent_ais_scores", [])]
+        correct = proponent_correctness(rec)
         row = [rec["example_id"], rec["inputs_plaintext"], rec["targets_plaintext"], rec.get("relation"), rec.get("c4_frequency_bucket")]
         row += [None if pd.isna(q[m]) else (bool(q[m]) if m == "greedy_correct" else float(q[m])) for m in metrics]
         for i in range(TOP_IN_TABLE):

@@ -272,7 +272,9 @@ class DataOrder:
 def checkpoint_steps(config: PretrainConfig, total_steps: int) -> dict[int, float]:
     """Step -> fraction of training, for each checkpoint (distinct steps, >= 1)."""
     steps: dict[int, float] = {}
-    for fraction in config.checkpoint_fractions:
+    # Largest fraction first, so when two fractions round to one step the later
+    # one names it and the final step is always fraction 1.0.
+    for fraction in sorted(config.checkpoint_fractions, reverse=True):
         steps.setdefault(max(1, round(fraction * total_steps)), fraction)
     return dict(sorted(steps.items()))
 
