@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .experiment.stages import model_dir, world_dir
+from .experiment.stages import model_dir, pretrain_config, world_dir
 from .io import ArtifactError, read_json
 
 
@@ -30,12 +30,15 @@ def _artifacts_root(value: str | None) -> Path:
 
 
 def _pretrain_config(args):
-    from .lm.pretrain import PretrainConfig
+    """The same PretrainConfig the Hydra runs build, so both share one model directory."""
+    from types import SimpleNamespace
 
-    overrides = {"family": args.family, "optimizer": args.optimizer, "seed": args.model_seed}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    return PretrainConfig.preset(args.size, **overrides)
+    from .experiment.schema import ModelConf
+
+    return pretrain_config(SimpleNamespace(
+        family=args.family, size=args.size, optimizer=args.optimizer, seed=args.model_seed,
+        epochs=args.epochs, checkpoint_fractions=ModelConf().checkpoint_fractions,
+    ))
 
 
 def cmd_world(args) -> Path:
