@@ -21,7 +21,8 @@ from ..io import config_hash
 from .curvature import Whitening, auto_lambda, mix, second_moment_matrix
 from .features import FeatureExtractor, extract_to_store
 from .gradients import all_parameter_sites, block_linear_sites
-from .output import Example, collate, max_positions, query_example, training_example
+from ..lm.evaluate import context_length
+from .output import Example, collate, query_example, training_example
 from .projection import Projector
 from .scoring import TopK, faiss_top_k, top_k, unit_normalize
 from .second_moment import SecondMoment, estimate_second_moment, second_moment_from_optimizer
@@ -83,7 +84,7 @@ class TrackStar:
             all_parameter_sites(model) if settings.params == "all" else block_linear_sites(model)
         )
         self.projector = Projector(self.sites, settings.projection, settings.d, settings.seed)
-        self.limit = max_positions(model)
+        self.limit = context_length(model)
         self.model_id, self.model_hash = model_fingerprint(model)
         # V is read (or estimated) once per TrackStar object and reused.
         self._second_moment: SecondMoment | None = None

@@ -32,15 +32,6 @@ class Example:
         return len(self.ids)
 
 
-def max_positions(model) -> int | None:
-    config = model.config
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if value:
-            return int(value)
-    return None
-
-
 def _bos(tokenizer) -> list[int]:
     bos = getattr(tokenizer, "bos_token_id", None)
     return [int(bos)] if bos is not None else []

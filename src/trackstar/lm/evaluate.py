@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from trackstar.io import read_jsonl, write_jsonl
+from trackstar.io import write_jsonl
 
 QUERY_EVAL_FILE = "query_eval.jsonl"
 
 
 def context_length(model) -> int | None:
+    """The model's maximum sequence length (GPT-2 ``n_positions``, others ``max_position_embeddings``)."""
     config = model.config
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
@@ -125,11 +126,6 @@ def write_query_eval(path: str | os.PathLike, records: Sequence[dict]) -> Path:
     path = Path(path)
     write_jsonl(path, records)
     return path
-
-
-def read_query_eval(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    return read_jsonl(path / QUERY_EVAL_FILE if path.is_dir() else path)
 
 
 def accuracy_by_bucket(records: Sequence[dict]):
