@@ -632,15 +632,20 @@ def test_wrong_order_of_operations_would_be_detected(micro, tokenizer, tmp_path)
 
 
 # ---------------------------------------------------------------- bad inputs
-def test_empty_target_and_too_long_sequence_are_refused(tokenizer):
+def test_empty_target_is_refused_and_overlong_examples_are_cut(tokenizer):
     with pytest.raises(ValueError, match="q7.*empty after tokenization"):
         query_example(tokenizer, "the capital of", "   ", "q7", 24)
-    with pytest.raises(ValueError, match="t3.*more than the model's 24 positions"):
-        training_example(tokenizer, " ".join(["the"] * 30), "t3", 24)
+    # Overlong examples are cut as pretraining and query evaluation cut them.
+    with pytest.warns(UserWarning, match="t3.*longer than the model's 24 positions"):
+        passage = training_example(tokenizer, " ".join(["the"] * 30), "t3", 24)
+    assert passage.ids == (WORDS.index("<bos>"),) + (WORDS.index("the"),) * 23
     model = make_gpt2()
     ts = TrackStar(model, tokenizer, AttributionSettings(projection="identity", use_v=False))
-    with pytest.raises(ValueError, match="Shorten"):
-        ts.query_examples([(" ".join(["the"] * 30), "paris")])
+    (query,) = ts.query_examples([(" ".join(["a"] * 30), "paris")])
+    assert query.ids == (WORDS.index("a"),) * 23 + (WORDS.index("paris"),)
+    assert query.weights == (0.0,) * 23 + (1.0,)
+    with pytest.raises(ValueError, match="Shorten the target"):
+        ts.query_examples([("the", " ".join(["paris"] * 24))])
 
 
 def test_non_finite_gradient_names_the_example_and_parameter(tokenizer):

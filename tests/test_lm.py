@@ -27,8 +27,8 @@ from trackstar.lm import (
     score_targets,
     train_tokenizer,
 )
+from trackstar.lm.data import lm_batch, tokenize_corpus
 from trackstar.lm.optim import learning_rate_at
-from trackstar.lm.pretrain import collate, tokenize_corpus
 
 TEMPLATES = [
     "The capital of {c} is {o}.",
@@ -188,7 +188,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path, family, optimizer):
     model = build_model(family, "micro", len(tokenizer), context_length=32, seed=0)
     opt = build_optimizer(model, optimizer, lr=1e-2, weight_decay=0.01)
     examples, _ = tokenize_corpus(tokenizer, texts, 32)
-    batch = collate(examples, tokenizer.pad_token_id)
+    batch = lm_batch(examples, tokenizer.pad_token_id)
     for _ in range(3):
         lm_loss(model, batch).backward()
         opt.step()

@@ -78,8 +78,8 @@ def test_gold_sentences_raise_the_target_more_than_random_ones(micro_world, chec
 
 def test_each_pair_equals_a_fresh_single_step(micro_checkpoint_dir, micro_world):
     """Sharing one step across queries gives what a from-scratch step per pair gives."""
+    from trackstar.lm.data import lm_batch, lm_loss, tokenize_corpus
     from trackstar.lm.evaluate import score_targets
-    from trackstar.lm.pretrain import collate, lm_loss, tokenize_corpus
 
     queries, gold, rand = _gold_and_random(micro_world, n_queries=2)
     ck = load_checkpoint(micro_checkpoint_dir)
@@ -91,7 +91,7 @@ def test_each_pair_equals_a_fresh_single_step(micro_checkpoint_dir, micro_world)
         group["lr"] = fresh.learning_rate
     fresh.model.eval()
     ids, _ = tokenize_corpus(fresh.tokenizer, [text], 10**6)
-    lm_loss(fresh.model, collate(ids, fresh.tokenizer.pad_token_id)).backward()
+    lm_loss(fresh.model, lm_batch(ids, fresh.tokenizer.pad_token_id)).backward()
     fresh.optimizer.step()
     (lp, _), = score_targets(fresh.model, fresh.tokenizer, [q["prompt"]], [q["target"]])
     row = df[(df.example_id == q["example_id"]) & (df.proponent_id == pid)].iloc[0]

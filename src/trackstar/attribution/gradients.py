@@ -23,13 +23,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .output import Batch, forward_logits, objective
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,7 @@ def block_linear_sites(model: nn.Module) -> list[Site]:
         full = f"{prefix}.{name}.weight"
         if isinstance(module, nn.Linear):
             sites.append(Site(full, module.out_features, module.in_features, False))
-        elif Conv1D and isinstance(module, Conv1D):
+        elif isinstance(module, Conv1D):
             fan_in, fan_out = module.weight.shape
             sites.append(Site(full, fan_out, fan_in, True))
     if not sites:
@@ -84,7 +80,7 @@ def block_linear_sites(model: nn.Module) -> list[Site]:
 def all_parameter_sites(model: nn.Module) -> list[Site]:
     """``params: all``: every trainable parameter; vectors are 1×n matrices."""
     conv_weights = {
-        f"{n}.weight" for n, m in model.named_modules() if Conv1D and isinstance(m, Conv1D)
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)
     }
     sites = []
     for name, p in model.named_parameters():

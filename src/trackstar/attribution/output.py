@@ -14,11 +14,14 @@ gradient-descent step on the training example raises the target probability.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..lm.data import pad, query_ids, tokenize_corpus
 
 
 @dataclass(frozen=True)
@@ -32,39 +35,26 @@ class Example:
         return len(self.ids)
 
 
-def _bos(tokenizer) -> list[int]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [int(bos)] if bos is not None else []
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _check_length(ids: Sequence[int], limit: int | None, name: str) -> None:
-    if limit is not None and len(ids) > limit:
-        raise ValueError(
-            f"{name} is {len(ids)} tokens long, more than the model's {limit} positions "
-            f"(config max_position_embeddings / n_positions). Shorten or split it to at "
-            f"most {limit} tokens before attribution."
-        )
-
-
 def training_example(tokenizer, text: str, name: str, limit: int | None) -> Example:
     """A pretraining passage; f = mean LM loss over its T-1 predicted tokens.
 
-    The passage is tokenized as pretraining saw it, ``bos + text + eos``, so f
-    is the loss the model was trained on and tail-patch steps on.
+    The passage is tokenized and cut as pretraining saw it
+    (:func:`trackstar.lm.data.passage_ids`), so f is the loss the model was
+    trained on and tail-patch steps on.
     """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = _bos(tokenizer) + _encode(tokenizer, text) + eos
+    (ids,), n_cut = tokenize_corpus(tokenizer, [text], limit)
+    if n_cut:
+        warnings.warn(
+            f"Training example {name} is longer than the model's {limit} positions; it is "
+            f"attributed as its first {limit} tokens, the passage pretraining trains on.",
+            stacklevel=2,
+        )
     if len(ids) < 2:
         raise ValueError(
             f"Training example {name} ({text!r}) has {len(ids)} token(s); the LM loss "
             "needs at least 2 (one to condition on, one to predict). Drop it or give "
             "a longer passage."
         )
-    _check_length(ids, limit, f"Training example {name}")
     n = len(ids) - 1
     return Example(tuple(ids), (0.0,) + (1.0 / n,) * n, "loss", name)
 
@@ -78,23 +68,14 @@ def query_example(
     output_fn: str = "loss",
     reduction: str = "mean",
 ) -> Example:
-    """A query (prompt, target): f over the ids of ``" " + target`` only."""
-    prompt_ids = _bos(tokenizer) + _encode(tokenizer, prompt)
-    target_ids = _encode(tokenizer, " " + target)
-    if not target_ids:
-        raise ValueError(
-            f"Query {name} (prompt {prompt!r}) has a target {target!r} that is empty "
-            "after tokenization, so there is nothing to attribute. Give a non-empty target."
-        )
-    if not prompt_ids:
-        raise ValueError(
-            f"Query {name} has an empty prompt and the tokenizer has no BOS token, so "
-            "the first target token cannot be predicted. Give a non-empty prompt."
-        )
-    ids = prompt_ids + target_ids
-    _check_length(ids, limit, f"Query {name}")
-    w = 1.0 / len(target_ids) if reduction == "mean" else 1.0
-    weights = (0.0,) * len(prompt_ids) + (w,) * len(target_ids)
+    """A query (prompt, target): f over its target tokens only.
+
+    The ids are those query evaluation scores (:func:`trackstar.lm.data.query_ids`),
+    an overlong prompt cut from the left alike.
+    """
+    ids, n_target = query_ids(tokenizer, prompt, target, limit, name)
+    w = 1.0 / n_target if reduction == "mean" else 1.0
+    weights = (0.0,) * (len(ids) - n_target) + (w,) * n_target
     return Example(tuple(ids), weights, output_fn, name)
 
 
@@ -129,21 +110,15 @@ class Batch:
 
 
 def collate(examples: Sequence[Example], padding_side: str = "right", pad_id: int = 0) -> Batch:
-    """Pad to the longest example; position ids count real tokens only.
+    """Pad to the longest example (:func:`trackstar.lm.data.pad`).
 
     Padding never changes a gradient: pad positions get weight 0, attention
     never looks at them, and left padding keeps real tokens at positions 0..T-1.
     """
-    n, t_max = len(examples), max(len(e) for e in examples)
-    ids = torch.full((n, t_max), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, t_max), dtype=torch.long)
-    weights = torch.zeros((n, t_max), dtype=torch.float32)
-    for i, e in enumerate(examples):
-        sl = slice(0, len(e)) if padding_side == "right" else slice(t_max - len(e), t_max)
-        ids[i, sl] = torch.tensor(e.ids)
-        mask[i, sl] = 1
-        weights[i, sl] = torch.tensor(e.weights, dtype=torch.float32)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ids, mask, positions = pad([e.ids for e in examples], pad_id, padding_side)
+    weights = torch.zeros(ids.shape, dtype=torch.float32)
+    # The mask's ones run row by row over the real tokens in order, whichever side is padded.
+    weights[mask.bool()] = torch.tensor([w for e in examples for w in e.weights], dtype=torch.float32)
     return Batch(ids, mask, positions, weights, list(examples))
 
 

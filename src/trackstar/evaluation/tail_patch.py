@@ -30,8 +30,8 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from ..io import ArtifactError, atomic_write_json, read_json
-from ..lm.evaluate import context_length, score_targets
-from ..lm.pretrain import collate, lm_loss, tokenize_corpus
+from ..lm.data import context_length, lm_batch, lm_loss, pad_token_id, passage_ids
+from ..lm.evaluate import score_targets
 
 TAIL_PATCH_KS = (1, 3, 5, 10)
 
@@ -181,19 +181,18 @@ def tail_patch(
         if missing:
             todo[pid] = missing
 
-    ctx = context_length(model) or 10**9
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ctx = context_length(model)
     device = next(model.parameters()).device
     with restored(model, optimizer) as snap:
         for pid in tqdm(sorted(todo), desc="tail-patch", unit="proponent", disable=not progress):
             for group in optimizer.param_groups:
                 group["lr"] = checkpoint.learning_rate
             model.eval()  # no dropout in the step or the measurement
-            ids, _ = tokenize_corpus(tok, [texts[pid]], ctx)
-            if len(ids[0]) < 2:
+            ids = passage_ids(tok, texts[pid], ctx)
+            if len(ids) < 2:
                 raise ValueError(f"tail_patch: proponent {pid!r} has fewer than 2 tokens; it has no LM loss to step on")
             optimizer.zero_grad(set_to_none=True)
-            lm_loss(model, {k: v.to(device) for k, v in collate(ids, pad).items()}).backward()
+            lm_loss(model, {k: v.to(device) for k, v in lm_batch([ids], pad_token_id(tok)).items()}).backward()
             optimizer.step()
             qids = todo[pid]
             scores = score_targets(model, tok, [by_id[q]["prompt"] for q in qids], [by_id[q]["target"] for q in qids], batch_size)

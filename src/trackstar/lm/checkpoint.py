@@ -61,12 +61,6 @@ class Checkpoint:
     def step(self) -> int | None:
         return self.trainer_state.get("step")
 
-    @property
-    def param_name_to_index(self) -> dict[str, int]:
-        if self.optimizer is None:
-            return {}
-        return param_name_to_index(self.optimizer)
-
     def optimizer_state_by_name(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer state of each parameter keyed by parameter name.
 

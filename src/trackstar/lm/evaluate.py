@@ -1,8 +1,8 @@
 """Query evaluation: target sequence probability and greedy correctness.
 
 For a query (prompt, target) the model reads ``bos + prompt + " " + target``
-(prompt and ``" " + target`` tokenized separately and concatenated, bos only
-if the tokenizer has one) and we report
+(:func:`trackstar.lm.data.query_ids`, the ids attribution takes its gradient
+on) and we report
 
 - ``target_prob`` = p(target | prompt), the product of the target tokens'
   probabilities (SPEC 2.3, the quantity tail-patch moves), and its log;
@@ -23,37 +23,9 @@ from pathlib import Path
 import torch
 
 from trackstar.io import write_jsonl
+from trackstar.lm.data import context_length, pad, pad_token_id, query_ids
 
 QUERY_EVAL_FILE = "query_eval.jsonl"
-
-
-def context_length(model) -> int | None:
-    """The model's maximum sequence length (GPT-2 ``n_positions``, others ``max_position_embeddings``)."""
-    config = model.config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def encode_query(tokenizer, prompt: str, target: str, max_length: int | None = None) -> tuple[list[int], int]:
-    """Token ids of ``[bos] prompt " "target`` and the number of target tokens.
-
-    If the sequence is longer than ``max_length`` the prompt loses tokens from
-    its left end; a target that alone does not fit is an error.
-    """
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    target_ids = tokenizer.encode(" " + target, add_special_tokens=False)
-    if not target_ids:
-        raise ValueError(f"target {target!r} encodes to no tokens")
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
-    if max_length is not None and len(prompt_ids) + len(target_ids) > max_length:
-        keep = max_length - len(target_ids)
-        if keep < 1:
-            raise ValueError(
-                f"target {target!r} has {len(target_ids)} tokens, which leaves no room for "
-                f"the prompt in the model's context of {max_length}"
-            )
-        prompt_ids = prompt_ids[-keep:]
-    return prompt_ids + target_ids, len(target_ids)
 
 
 @torch.no_grad()
@@ -64,10 +36,8 @@ def score_targets(
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     max_length = context_length(model)
-    encoded = [encode_query(tokenizer, p, t, max_length) for p, t in zip(prompts, targets, strict=True)]
-    pad_id = next(
-        (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
-    )
+    encoded = [query_ids(tokenizer, p, t, max_length) for p, t in zip(prompts, targets, strict=True)]
+    pad_id = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -75,12 +45,8 @@ def score_targets(
     try:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start:start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (ids, _) in enumerate(chunk):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention_mask[row, : len(ids)] = 1
+            # Right padding needs no position ids: a query's own tokens never see the pads after them.
+            input_ids, attention_mask, _ = pad([ids for ids, _ in chunk], pad_id)
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
             ).logits.float()
@@ -114,12 +80,6 @@ def evaluate_queries(model, tokenizer, queries: Sequence[dict], batch_size: int 
             "c4_frequency_bucket": query.get("c4_frequency_bucket"),
         })
     return records
-
-
-def target_probability(model, tokenizer, prompt: str, target: str) -> float:
-    """p(target | prompt) of a single query."""
-    (log_prob, _), = score_targets(model, tokenizer, [prompt], [target])
-    return math.exp(log_prob)
 
 
 def write_query_eval(path: str | os.PathLike, records: Sequence[dict]) -> Path:

@@ -31,7 +31,7 @@ class ModelSize:
 
 
 # Approximate parameter counts are with the vocabulary sizes of the presets in
-# ``pretrain.PRESETS`` (micro 512, tiny 2048, small and medium 4096).
+# ``config.PRESETS`` (micro 512, tiny 2048, small and medium 4096).
 MODEL_SIZES: dict[str, ModelSize] = {
     "micro": ModelSize(n_layer=2, d_model=32, n_head=2, d_ff_gpt2=128, d_ff_llama=88),  # ~50k
     "tiny": ModelSize(n_layer=4, d_model=128, n_head=4, d_ff_gpt2=512, d_ff_llama=344),  # ~1M

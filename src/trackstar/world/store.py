@@ -159,3 +159,26 @@ def load_world(path: str | os.PathLike, validate: bool = True) -> LoadedWorld:
         validate_records("corpus", world.corpus, str(path / CORPUS_FILE))
         validate_records("query", world.queries, str(path / QUERIES_FILE))
     return world
+
+
+def read_world(world_dir: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
+    """(manifest, corpus documents, queries) of a world directory; queries may be absent.
+
+    All that pretraining needs, so a world made by other means than
+    :func:`build_world` (a manifest with a content hash and a corpus) serves too.
+    """
+    world_dir = Path(world_dir)
+    hint = "Build the world first (trackstar world) or pass the right --world directory."
+    if not world_dir.is_dir():
+        raise ArtifactError(f"world directory {str(world_dir)!r} does not exist. {hint}")
+    for name in (MANIFEST, CORPUS_FILE):
+        if not (world_dir / name).is_file():
+            raise ArtifactError(f"world directory {str(world_dir)!r} has no {name}. {hint}")
+    manifest = read_json(world_dir / MANIFEST)
+    if "content_hash" not in manifest:
+        raise ArtifactError(f"{str(world_dir / MANIFEST)!r} has no content_hash. {hint}")
+    corpus = read_jsonl(world_dir / CORPUS_FILE)
+    if not corpus:
+        raise ArtifactError(f"{str(world_dir / CORPUS_FILE)!r} is empty. {hint}")
+    queries = read_jsonl(world_dir / QUERIES_FILE) if (world_dir / QUERIES_FILE).is_file() else []
+    return manifest, corpus, queries
