@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..io import config_hash
-from .curvature import Whitening, auto_lambda, mix, second_moment_matrix
+from .curvature import CurvatureCache, Whitening, auto_lambda, mix
 from .features import FeatureExtractor, extract_to_store
 from .gradients import all_parameter_sites, block_linear_sites
-from ..lm.evaluate import context_length
+from ..lm.data import context_length
 from .output import Example, collate, query_example, training_example
 from .projection import Projector
 from .scoring import TopK, faiss_top_k, top_k, unit_normalize
@@ -42,7 +42,6 @@ class AttributionResult:
     settings: AttributionSettings
     train_store: Path | None = None
     query_store: Path | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _query_parts(q, i) -> tuple[str, str, object]:
@@ -159,17 +158,25 @@ class TrackStar:
 
     # --- curvature and scoring ---------------------------------------------------------------
     def whitening(self, train: FeatureStore, query: FeatureStore) -> Whitening | None:
+        """R^{-1/2} of the settings' R, from the curvature cache under work_dir when there."""
         s = self.settings
         if s.curvature == "none":
             return None
         blocks = [sl for _, sl in train.layer_slices()] if s.block_diagonal else [slice(0, train.d)]
-        chunk = s.chunk_rows
-        r_train = second_moment_matrix((x for _, x in train.chunks(chunk)), train.d, blocks)
+        cache = CurvatureCache(self.work_dir / "curvature")
+        train_key, r_train = cache.second_moment(train, blocks, s.chunk_rows)
         if s.curvature == "train":
-            return Whitening.build(r_train, blocks, s.damping)
-        r_eval = second_moment_matrix((x for _, x in query.chunks(chunk)), query.d, blocks)
-        lam = auto_lambda(r_eval, r_train, train.d) if s.lam == "auto" else float(s.lam)
-        return Whitening.build(mix(r_eval, r_train, lam), blocks, s.damping, lam)
+            key = {"r_train": train_key, "damping": s.damping}
+            return cache.whitening(key, blocks, lambda: Whitening.build(r_train(), blocks, s.damping))
+        eval_key, r_eval = cache.second_moment(query, blocks, s.chunk_rows)
+
+        def build() -> Whitening:
+            rt, re = r_train(), r_eval()
+            lam = auto_lambda(re, rt, train.d) if s.lam == "auto" else float(s.lam)
+            return Whitening.build(mix(re, rt, lam), blocks, s.damping, lam)
+
+        key = {"r_train": train_key, "r_eval": eval_key, "lam": s.lam, "damping": s.damping}
+        return cache.whitening(key, blocks, build)
 
     def transform(self, x: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
         """R^{-1/2} then unit norm: the same map for query and training rows."""

@@ -6,15 +6,20 @@ accumulated in float64 chunk by chunk so no more than one chunk is in memory.
 R = λ R_eval + (1 − λ) R_train. R^{-1/2} is a matrix inverse square root from
 an eigendecomposition in float64 after damping R + δ·mean(eig R)·I; in block
 mode each per-parameter block is damped with its own mean eigenvalue.
+:class:`CurvatureCache` keeps R and R^{-1/2} on disk for the runs that share them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from ..io import config_hash
 
 
 class CurvatureError(ValueError):
@@ -106,20 +111,19 @@ def inverse_sqrt(matrix: torch.Tensor, damping: float) -> torch.Tensor:
 
 @dataclass
 class Whitening:
-    """R^{-1/2} as one matrix or per-block matrices; applied on the right."""
+    """R^{-1/2} as one matrix or per-block matrices; applied on the right.
+
+    Computed in float64, kept and applied in float32: the product's rounding is
+    far below the projection's own noise, and it halves the cost per chunk.
+    """
 
     blocks: list[slice]
-    matrices: list[torch.Tensor]  # float64, as computed
+    matrices: list[torch.Tensor]  # float32
     lam: float | None = None
-
-    def __post_init__(self) -> None:
-        # Computed in float64, applied in float32: the product's rounding is far
-        # below the projection's own noise, and it halves the cost per chunk.
-        self._applied = [m.float() for m in self.matrices]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x, dtype=torch.float32)
-        for s, m in zip(self.blocks, self._applied):
+        for s, m in zip(self.blocks, self.matrices):
             # R^{-1/2} is symmetric, so x R^{-1/2} applies it to every row.
             out[:, s] = x[:, s].float() @ m
         return out
@@ -132,4 +136,61 @@ class Whitening:
         damping: float,
         lam: float | None = None,
     ) -> "Whitening":
-        return cls(blocks, [inverse_sqrt(m, damping) for m in r_blocks], lam)
+        return cls(blocks, [inverse_sqrt(m, damping).float() for m in r_blocks], lam)
+
+
+class CurvatureCache:
+    """R_train, R_eval and R^{-1/2} on disk, so runs that share them compute them once.
+
+    A second-moment matrix is keyed by its feature store's metadata (which
+    names the model, the examples, V, the projection and the output function)
+    and the block layout; a whitening by the keys of the matrices it mixes, λ
+    (the setting: a number or ``auto``) and the damping. A sweep over λ then
+    streams each store once, and methods with the same R (exp1 and TRAK, both
+    on R_train of the un-corrected features) share one eigendecomposition.
+    Files are written to a temporary name and renamed, so a killed run leaves
+    no half file; ``directory=None`` caches nothing.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.dir = Path(directory) if directory is not None else None
+
+    def _path(self, kind: str, key: str) -> Path | None:
+        return self.dir / f"{kind}-{key}.pt" if self.dir is not None else None
+
+    def _load(self, path: Path | None):
+        if path is None or not path.is_file():
+            return None
+        return torch.load(path, weights_only=True)
+
+    def _save(self, path: Path | None, value) -> None:
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+
+    def second_moment(self, store, blocks: list[slice], chunk_rows: int) -> tuple[str, Callable[[], list[torch.Tensor]]]:
+        """(key, loader) of the mean outer product of ``store``'s rows; computed on first load."""
+        key = config_hash({"store": store.meta, "blocks": [(b.start, b.stop) for b in blocks]})
+
+        def load() -> list[torch.Tensor]:
+            path = self._path("r", key)
+            cached = self._load(path)
+            if cached is not None:
+                return cached
+            value = second_moment_matrix((x for _, x in store.chunks(chunk_rows)), store.d, blocks)
+            self._save(path, value)
+            return value
+
+        return key, load
+
+    def whitening(self, key: dict, blocks: list[slice], build: Callable[[], Whitening]) -> Whitening:
+        path = self._path("whitening", config_hash(key))
+        cached = self._load(path)
+        if cached is not None:
+            return Whitening(blocks, cached["matrices"], cached["lam"])
+        result = build()
+        self._save(path, {"matrices": result.matrices, "lam": result.lam})
+        return result
