@@ -107,7 +107,7 @@ def test_summarize_by_split():
 
 
 def test_label_retrievals_against_the_world(micro_world):
-    from trackstar.evaluation.retrievals import label_retrievals
+    from trackstar.retrieval import label_retrievals
 
     q = next(q for q in micro_world.queries if q["has_trex_sentence"])
     gold = micro_world.facts_by_id[q["fact_id"]]["trex_sentences"][0]

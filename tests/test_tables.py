@@ -9,19 +9,24 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from trackstar.experiment.tracking import flat_summary
+from trackstar.experiment.record import WANDB_CONFIG_KEY, RunRecord
+from trackstar.experiment.tracking import wandb_summary
 from trackstar.tables import TABLES, TablesError, check_commits, figure2, load_local_runs, load_wandb_runs, to_latex, to_markdown
 from trackstar.tables.aggregate import label_column
 from trackstar.tables.cli import main
-from trackstar.tables.runs import FailedRunsWarning, MixedCommitWarning
+from trackstar.tables.runs import FailedRunsWarning, MixedCommitWarning, StaleRecordsWarning
 
-PRESETS = {  # SPEC §1.6, as a run's info.settings would record them
+PRESETS = {  # SPEC §1.6: (output_fn, use_v, curvature, unit_norm), as a run resolves them
     "grad_dot": ("loss", False, "none", False), "grad_cosine": ("loss", False, "none", True),
     "trak": ("margin", False, "train", False), "exp1": ("loss", False, "train", False),
     "exp2": ("loss", True, "train", False), "exp3": ("loss", True, "none", True),
     "exp4": ("loss", True, "train", True), "exp5": ("loss", False, "mix", True), "trackstar": ("loss", True, "mix", True),
 }
 METHODS = ["bm25", "dense", *PRESETS]
+# Labels and ranks as the runs write them; the tables must take them from the record.
+LABELS = {"bm25": "BM25", "dense": "Dense (MiniLM; stands in for Gecko)", "grad_dot": "Gradient dot product",
+          "grad_cosine": "Gradient cosine", "trak": "TRAK", **{f"exp{i}": f"Exp {i}" for i in range(1, 6)},
+          "trackstar": "TrackStar"}
 
 
 def stats(mean: float, n: int = 20) -> dict:
@@ -35,26 +40,28 @@ def record(table: str, method: str, mrr: float, *, corpus="closed", commit="c0ff
     split = {"True": {"mrr": stats(mrr + 0.2, 8), "recall@10": stats(mrr + 0.3, 8), "tail_patch@10": stats(mrr / 5, 8)},
              "False": {"mrr": stats(mrr - 0.2, 12), "recall@10": stats(mrr - 0.1, 12), "tail_patch@10": stats(mrr / 20, 12)}}
     info: dict = {"method": method, "corpus": corpus, "k": 10}
-    method_config = {"name": method, "output_fn": None, "use_v": None, "curvature": None, "unit_norm": None, "lam": None,
-                     "projection": "gaussian", "d": 1024, "dense_model": None, **method_fields}
+    settings: dict = {"model": "builtin:all-MiniLM-L6-v2"} if method == "dense" else {}
     if method in PRESETS:
         settings = dict(zip(("output_fn", "use_v", "curvature", "unit_norm"), PRESETS[method], strict=True))
         settings.update({"lam": 0.9, "projection": "gaussian", "d": 1024})
         settings.update({k: v for k, v in method_fields.items() if v is not None})
-        info.update({"settings": settings, "lambda": lam_used if lam_used is not None else settings["lam"]})
+        info.update({"lambda": lam_used if lam_used is not None else settings["lam"]})
     return {
-        "status": "finished", "error": None, "config_id": f"{table}-{method}-{mrr}", "table": table, "method": method,
-        "corpus": corpus, "world": {"profile": "tiny", "seed": 0},
+        "schema_version": 2, "status": "finished", "error": None, "config_id": f"{table}-{method}-{mrr}",
+        "table": table, "corpus": corpus, "started": finished, "run_dir": "",
+        "method": {"name": method, "label": LABELS[method], "family": "gradient" if method in PRESETS else "baseline",
+                   "rank": float(METHODS.index(method)), "settings": settings},
+        "world": {"profile": "tiny", "seed": 0},
         "model": {"family": "gpt2", "size": size, "optimizer": "adafactor", "seed": 0, "checkpoint": checkpoint,
                   "checkpoint_fractions": [0.25, 0.5, 1.0], "epochs": None, "hf_name_or_path": None},
-        "method_config": method_config, "eval": {"corpus": corpus, "k": 10, "tail_patch_ks": [1, 3, 5, 10]},
+        "eval": {"corpus": corpus, "k": 10, "tail_patch_ks": [1, 3, 5, 10]},
         "metrics": metrics, "splits": {"greedy_correct": split}, "info": info, "timings": {"total": 1.0},
         "git_commit": commit, "finished": finished,
     }
 
 
 def write(root: Path, rec: dict, name: str | None = None) -> Path:
-    run_dir = root / rec["table"] / (name or f"{rec['method']}-{rec['corpus']}-{abs(hash(rec['config_id'])) % 10**8:08d}")
+    run_dir = root / rec["table"] / (name or f"{rec['method']['name']}-{rec['corpus']}-{abs(hash(rec['config_id'])) % 10**8:08d}")
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.json").write_text(json.dumps({**rec, "run_dir": str(run_dir)}))
     return run_dir
@@ -102,7 +109,7 @@ def test_table2_and_ablation_tables(results):
     assert labels(t2) == ["BM25", "Dense (MiniLM; stands in for Gecko)", "Gradient dot product", "Gradient cosine", "TrackStar"]
     assert t2.rows["mrr"].tolist() == pytest.approx([0.30, 0.31, 0.32, 0.33, 0.34])
     a3 = TABLES["table_a3"](runs)
-    assert labels(a3, "Output function") == ["Loss", "Margin", "Logit"]  # a null output_fn is the preset's loss
+    assert labels(a3, "Output function") == ["Loss", "Margin", "Logit"]
     assert a3.rows["mrr"].tolist() == pytest.approx([0.23, 0.22, 0.21])
     a4 = TABLES["table_a4"](runs)
     assert labels(a4, "d") == ["256", "1024", "4096"]
@@ -213,14 +220,18 @@ class FakeSummary(dict):
 
 
 class FakeRun:
+    """What log_to_wandb leaves in W&B: the resolved config plus the record header, and the summary."""
+
     def __init__(self, rec: dict, run_id: str, state="finished"):
+        record = RunRecord.from_dict(rec)
         self.path = ["me", "proj", run_id]
         self.state = state
         self.created_at = rec["finished"]
         self.metadata = {"git": {"commit": rec["git_commit"]}}
         self.config = {"table": rec["table"], "world": rec["world"], "model": rec["model"],
-                       "method": rec["method_config"], "eval": rec["eval"], "logger": {"mode": "online"}}
-        self.summary = FakeSummary(flat_summary(rec) if state == "finished" else {})
+                       "method": {"name": rec["method"]["name"]}, "eval": rec["eval"], "logger": {"mode": "online"},
+                       WANDB_CONFIG_KEY: record.header()}
+        self.summary = FakeSummary(wandb_summary(record) if state == "finished" else {})
 
 
 class FakeApi:
@@ -242,10 +253,16 @@ def test_wandb_source_with_a_fake_api(monkeypatch, tmp_path, capsys):
     table = TABLES["table1"](runs.frame)
     assert labels(table) == ["BM25", "Exp 5", "TrackStar"]
     trackstar = table.rows.iloc[2]
-    assert (trackstar["curvature"], trackstar["lam"]) == ("mix", 0.9)  # nulls resolved to the preset and closed-set λ
+    assert (trackstar["curvature"], trackstar["lam"]) == ("mix", 0.9)
     assert "| TrackStar | 0.500 [0.450, 0.550] |" in to_markdown(table)
-    # W&B keeps only a split's mean: the cell shows it without an interval.
-    assert "| BM25 | 0.500 | 0.600 |" in to_markdown(TABLES["table_a7"](runs.frame))
+    # One flattening serves W&B and the local records: W&B tables equal local ones, split intervals included.
+    local = tmp_path / "local"
+    for r in recs:
+        write(local, r)
+    local_runs = load_local_runs(local).frame
+    for name in ("table1", "table_a7"):
+        assert to_markdown(TABLES[name](runs.frame)) == to_markdown(TABLES[name](local_runs))
+    assert "| BM25 | 0.500 [0.450, 0.550] | 0.600 [" in to_markdown(TABLES["table_a7"](runs.frame))
 
     import wandb
 
@@ -262,3 +279,26 @@ def test_markdown_is_printed_in_full_to_stdout(results, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith(to_markdown(TABLES["table_a4"](load_local_runs(results).frame)))
     assert io.StringIO(printed).readline().startswith("### Table A.4")
+
+
+def test_records_of_another_schema_are_left_out_with_a_message(results, tmp_path, capsys):
+    old = record("table1", "trak", 0.77)
+    old.pop("schema_version")
+    write(results, old, name="trak-schema1")
+    with pytest.warns(StaleRecordsWarning, match="trak-schema1.*schema 1.*Re-run"):
+        runs = load_local_runs(results)
+    assert 0.77 not in runs.frame["mrr"].tolist() and len(runs.stale) == 1
+    assert main(["--results", str(results), "--out", str(tmp_path / "o"), "--tables", "table1", "--strict"]) == 2
+    assert "another schema" in capsys.readouterr().err
+
+
+def test_tables_import_no_lower_stage():
+    """tables/ reads run records only: a fresh interpreter importing it loads no stage module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, trackstar.tables, trackstar.tables.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
+            "[['trackstar', s] for s in ('attribution', 'evaluation', 'baselines', 'lm', 'retrieval', 'world')]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

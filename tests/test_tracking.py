@@ -5,14 +5,17 @@ import types
 import pandas as pd
 import pytest
 
-from trackstar.experiment.tracking import flat_summary, log_to_wandb, per_query_rows, resolve_mode
+from trackstar.experiment.record import MethodInfo, RunRecord, flatten_metrics, unflatten_metrics
+from trackstar.experiment.tracking import log_to_wandb, per_query_rows, resolve_mode, wandb_summary
 
-RECORD = {
-    "status": "finished",
-    "metrics": {"mrr": {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 2}},
-    "splits": {"greedy_correct": {"True": {"mrr": {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 1}}}},
-    "timings": {"total": 3.0},
-}
+RECORD = RunRecord(
+    config_id="c", table="table1", corpus="closed", method=MethodInfo("bm25", "BM25", "baseline", 0.0, {"k1": 1.5}),
+    world={"profile": "micro", "seed": 0}, model={"size": "micro"}, eval={"k": 10}, git_commit="abc",
+    started="2026-01-01T00:00:00+00:00", run_dir="/tmp/x", status="finished",
+    metrics={"mrr": {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 2}},
+    splits={"greedy_correct": {"True": {"mrr": {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 1}}}},
+    timings={"total": 3.0},
+)
 RETRIEVALS = [
     {"example_id": "Q1", "inputs_plaintext": "The capital of France is", "targets_plaintext": "Paris", "relation": "P36",
      "c4_frequency_bucket": 5, "proponents": ["The capital of France is Paris."], "proponent_ids": ["S1"],
@@ -25,8 +28,16 @@ PER_QUERY = pd.DataFrame({"example_id": ["Q1", "Q2"], "mrr": [1.0, 0.0], "recall
 
 
 def test_flat_summary_and_table_rows():
-    flat = flat_summary(RECORD)
+    flat = wandb_summary(RECORD)
     assert flat["mrr"] == 0.5 and flat["mrr/ci_low"] == 0.4 and flat["split/greedy_correct/True/mrr"] == 1.0
+    assert flat["time/total"] == 3.0 and flat["status"] == "finished"
+    # The one flattening and its inverse: W&B's extra keys are ignored.
+    assert unflatten_metrics({**flat, "_runtime": 5}) == (RECORD.metrics, RECORD.splits)
+    assert flatten_metrics(*unflatten_metrics(flat)) == RECORD.flat_metrics()
+    # The record round-trips through its dict and through its W&B header + summary.
+    assert RunRecord.from_dict(RECORD.to_dict()) == RECORD
+    rebuilt = RunRecord.from_header(RECORD.header(), flat, "test")
+    assert rebuilt.metrics == RECORD.metrics and rebuilt.method == RECORD.method
     columns, rows = per_query_rows(RETRIEVALS, PER_QUERY)
     assert columns[:5] == ["example_id", "prompt", "target", "relation", "bucket"]
     assert rows[0][columns.index("top1")] == "The capital of France is Paris."
@@ -60,7 +71,8 @@ def test_offline_run_is_written_and_holds_config_and_summary(tmp_path, monkeypat
     # strings stored as written) and tables as JSON media files.
     (log,) = runs[0].glob("*.wandb")
     raw = log.read_bytes()
-    for expected in (b"trackstar-test", b"table1", b"bm25-closed-test", b"mrr/ci_low", b"split/greedy_correct/True/mrr", b"per_query"):
+    for expected in (b"trackstar-test", b"table1", b"bm25-closed-test", b"mrr/ci_low", b"split/greedy_correct/True/mrr", b"per_query",
+                     b"run_record", b"schema_version"):
         assert expected in raw, expected
     (table,) = (runs[0] / "files" / "media" / "table").glob("per_query_*.table.json")
     content = table.read_text()

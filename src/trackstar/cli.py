@@ -4,6 +4,7 @@
     trackstar pretrain --world PATH --size tiny            pretrain (or resume) a model on it
     trackstar quick                                        world, model, every table's sweep, paper tables
     trackstar sanity                                       top proponents per method; gold vs random tail-patch
+    trackstar run method=bm25 eval=open                    one table cell (as trackstar-run, without Hydra's app)
     trackstar score FILE...                                metrics of release-schema retrieval files
 
 Artifacts go under ``--artifacts`` (default ``$TRACKSTAR_ARTIFACTS`` or
@@ -84,16 +85,9 @@ def report_accuracy(checkpoint: Path) -> None:
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
-#: Every table and figure of the paper, in the order the quick reproduction runs them.
-SWEEPS = ("table1", "table2", "table_a3", "table_a4", "table_a5", "table_a6", "table_a7", "figure2_dim", "figure2_scale")
-
-
-def sweeps_dir() -> Path:
-    return Path(__file__).parent / "sweeps"
-
-
 def cmd_quick(args) -> None:
     """World, model, then every table's sweep (quick setting), then the tables themselves."""
+    from .sweeps import SWEEPS_DIR, sweep_names
     from .tables.cli import main as tables_main
 
     args.out = None
@@ -101,14 +95,15 @@ def cmd_quick(args) -> None:
     world = cmd_world(args)
     cmd_pretrain(args, world)
     root = _artifacts_root(args.artifacts)
-    sweeps = SWEEPS if args.tables == "all" else tuple(t for t in args.tables.split(",") if t)
-    unknown = sorted(set(sweeps) - set(SWEEPS))
+    known = sweep_names()
+    sweeps = known if args.tables == "all" else [t for t in args.tables.split(",") if t]
+    unknown = sorted(set(sweeps) - set(known))
     if unknown:
-        raise ValueError(f"--tables: unknown {unknown}; choose from {', '.join(SWEEPS)} or 'all'.")
+        raise ValueError(f"--tables: unknown {unknown}; choose from {', '.join(known)} or 'all'.")
     timings = {}
     for name in sweeps:
         cmd = [
-            sys.executable, "-m", "trackstar.experiment.run", "-m", "--config-dir", str(sweeps_dir()), "--config-name", name,
+            sys.executable, "-m", "trackstar.experiment.run", "-m", "--config-dir", str(SWEEPS_DIR), "--config-name", name,
             f"artifacts_dir={root}", f"results_dir={args.results}", f"world.profile={args.profile}", f"world.seed={args.seed}",
             f"model.family={args.family}", f"model.optimizer={args.optimizer}", f"model.seed={args.model_seed}",
             *([f"model.epochs={args.epochs}"] if args.epochs is not None else []),
@@ -132,7 +127,7 @@ def cmd_quick(args) -> None:
 
 
 def cmd_sanity(args) -> None:
-    from .evaluation.sanity import sanity_report
+    from .experiment.sanity import sanity_report
     from .lm import final_checkpoint, load_checkpoint
     from .world import load_world
 
@@ -145,9 +140,23 @@ def cmd_sanity(args) -> None:
                         work_dir=root / "features" / f"sanity-{run.name}"))
 
 
+def cmd_run(args) -> None:
+    """One cell (world, model, method, corpus) through the same function as trackstar-run."""
+    from .experiment.cell import compose_config, run_cell
+
+    overrides = list(args.override)
+    if args.artifacts:
+        overrides.append(f"artifacts_dir={args.artifacts}")
+    elif os.environ.get("TRACKSTAR_ARTIFACTS"):
+        overrides.append(f"artifacts_dir={os.environ['TRACKSTAR_ARTIFACTS']}")
+    record = run_cell(compose_config(overrides))
+    for name, stats in record.metrics.items():
+        print(f"  {name:<22} {stats['mean']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]")
+
+
 def cmd_score(args) -> None:
     """Score release-schema retrieval files: ours, or the paper's released ones."""
-    from .evaluation.metrics import score_retrievals
+    from .evaluation.metrics import RETRIEVAL_METRICS, score_retrievals
     from .evaluation.splits import summarize
     from .io import read_jsonl
 
@@ -159,12 +168,12 @@ def cmd_score(args) -> None:
     for path in args.files:
         records = read_jsonl(path)
         if world is not None:
-            from .evaluation.retrievals import label_retrievals
+            from .retrieval import label_retrievals
 
             records = label_retrievals(records, world, args.corpus, source=path)
         per_query = score_retrievals(records, source=path)
         scored = per_query[per_query["has_trex_sentence"]]
-        table = summarize(scored, ["mrr", "recall@10", "precision@10"])
+        table = summarize(scored, list(RETRIEVAL_METRICS))
         print(f"{path}: {len(scored)} queries scored ({len(per_query) - len(scored)} without a gold sentence left out)")
         for row in table.to_dict("records"):
             print(f"  {row['metric']:<13} {row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
@@ -205,11 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quick", help="the quick reproduction of every table: world, model, all sweeps, paper tables")
     world_args(p, "tiny")
     model_args(p, "tiny")
-    p.add_argument("--tables", default="all", help=f"comma-separated subset of {', '.join(SWEEPS)} (default: all)")
+    p.add_argument("--tables", default="all", help="comma-separated subset of the sweeps in sweeps/ (default: all)")
     p.add_argument("--results", default="results", help="run records root (default ./results)")
     p.add_argument("--paper-tables", default="paper_tables", help="where the tables go (default ./paper_tables)")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every job, e.g. logger=none method.d=256")
     p.set_defaults(func=cmd_quick)
+
+    p = sub.add_parser("run", help="one table cell (method x corpus) with Hydra-style overrides, as trackstar-run")
+    p.add_argument("override", nargs="*", help="config overrides, e.g. method=bm25 eval=open world=micro model=micro")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("score", help="MRR / recall@10 / precision@10 of release-schema retrieval files")
     p.add_argument("files", nargs="+", help="retrieval JSONL files (ours, or the paper's release)")

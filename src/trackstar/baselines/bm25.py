@@ -12,11 +12,13 @@ import bm25s
 import numpy as np
 
 
-def bm25_topk(corpus_texts: Sequence[str], query_texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+def bm25_topk(
+    corpus_texts: Sequence[str], query_texts: Sequence[str], k: int, k1: float = 1.5, b: float = 0.75
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (queries x k) of the top-``k`` corpus texts per query, and their scores."""
     if k > len(corpus_texts):
         raise ValueError(f"k={k} exceeds the corpus size {len(corpus_texts)}; lower k.")
-    retriever = bm25s.BM25()
+    retriever = bm25s.BM25(k1=k1, b=b)
     retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False), show_progress=False)
     vocab = retriever.vocab_dict
     tokenized = bm25s.tokenize(list(query_texts), stopwords="en", return_ids=False, show_progress=False)

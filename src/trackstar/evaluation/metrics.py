@@ -21,6 +21,9 @@ RETRIEVAL_FIELDS = (
     "proponent_scores",
 )
 
+#: Per-query retrieval metrics (SPEC §2.2), in the order reports show them.
+RETRIEVAL_METRICS = ("mrr", "recall@10", "precision@10")
+
 #: Open-set passages count as correct when the entailment score reaches this
 #: threshold (the paper's AIS threshold).
 AIS_THRESHOLD = 0.5
@@ -44,7 +47,7 @@ def proponent_correctness(record: dict, source: str = "retrievals") -> list[bool
         raise RetrievalRecordError(
             f"{name} has neither 'proponent_correct' (closed set) nor 'proponent_ais_scores' "
             "(open set), so its proponents cannot be judged. Label it against the world with "
-            "trackstar.evaluation.retrievals.label_retrievals first."
+            "trackstar.retrieval.label_retrievals first."
         )
     if len(correct) != len(record["proponent_ids"]):
         raise RetrievalRecordError(

@@ -54,3 +54,25 @@ def summarize(
             mean, lo, hi = bootstrap_mean(frame[m].to_numpy(), confidence, n_resamples, seed)
             rows.append({"split": by or "all", "group": key, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi, "n": int(frame[m].notna().sum())})
     return pd.DataFrame(rows)
+
+
+def metric_summary(per_query: pd.DataFrame, metrics: list[str], resamples: int, confidence: float) -> tuple[dict, dict]:
+    """(overall, splits): every metric as {mean, ci_low, ci_high, n}, over the scored queries.
+
+    Closed-set queries without a gold sentence are averaged separately
+    (``has_trex_sentence``), as the paper does.
+    """
+    scored = per_query[per_query["has_trex_sentence"]] if "has_trex_sentence" in per_query else per_query
+
+    def table(frame: pd.DataFrame, by: str | None) -> dict:
+        out: dict = {}
+        for row in summarize(frame, metrics, by=by, confidence=confidence, n_resamples=resamples).to_dict("records"):
+            group = str(row["group"])
+            out.setdefault(group, {})[row["metric"]] = {k: row[k] for k in ("mean", "ci_low", "ci_high", "n")}
+        return out
+
+    overall = table(scored, None)["all"]
+    splits = {by: table(scored, by) for by in SPLITS if by in scored and scored[by].notna().any()}
+    if "has_trex_sentence" in per_query and (~per_query["has_trex_sentence"]).any():
+        splits["has_trex_sentence"] = table(per_query, "has_trex_sentence")
+    return overall, splits

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from .fact_tracing import retrieve
-from .tail_patch import tail_patch
+from ..evaluation.tail_patch import tail_patch
+from ..retrieval import get_retriever, retrieve
 
 DEFAULT_METHODS = ("bm25", "dense", "grad_cosine", "trackstar")
 
@@ -38,8 +38,8 @@ def sanity_report(
 
     retrieved = {}
     for method in methods:
-        overrides = None if method in ("bm25", "dense") else {"d": d}
-        records, _ = retrieve(method, world, "closed", checkpoint=checkpoint, queries=shown, k=10, settings_overrides=overrides, work_dir=work_dir)
+        options = {"d": d} if get_retriever(method).family == "gradient" else None
+        records, _ = retrieve(method, world, "closed", queries=shown, k=10, checkpoint=checkpoint, options=options, work_dir=work_dir)
         retrieved[method] = {r["example_id"]: r for r in records}
     for q in shown:
         lines.append(f"{q['prompt']} -> {q['target']}   (c4_frequency={q['c4_frequency']})")

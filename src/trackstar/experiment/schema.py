@@ -8,7 +8,7 @@ wrong type before any work starts (OmegaConf struct mode on dataclasses).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -38,9 +38,10 @@ class ModelConf:
 
 @dataclass
 class MethodConf:
-    #: bm25, dense, grad_dot, grad_cosine, trak, exp1..exp5, trackstar.
+    #: A registered retriever (trackstar.retrieval.retriever_names()): bm25,
+    #: dense, grad_dot, grad_cosine, trak, exp1..exp5, trackstar.
     name: str = "trackstar"
-    #: Overrides of the method preset; null keeps the preset's value.
+    #: Gradient rows: overrides of the method preset; null keeps the preset's value.
     output_fn: Optional[str] = None
     use_v: Optional[bool] = None
     curvature: Optional[str] = None
@@ -56,8 +57,10 @@ class MethodConf:
     damping: float = 0.1
     block_diagonal: bool = False
     batch_size: int = 16
-    #: sentence-transformers model for ``dense`` (default: the packaged MiniLM).
-    dense_model: Optional[str] = None
+    #: The retriever's own options (checked by it): e.g. ``options.model`` for
+    #: ``dense``, ``options.k1``/``options.b`` for ``bm25``, or any further
+    #: attribution setting for a gradient row (``options.adam_mode=rank1``).
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

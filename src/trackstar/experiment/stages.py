@@ -83,9 +83,16 @@ def checkpoint_path(run: Path, fraction: float) -> Path:
     )
 
 
-def retrieval_key(world_manifest: dict, checkpoint_id: str, method: dict, corpus: str, k: int, n_queries) -> str:
+def features_dir(artifacts: Path, checkpoint: str, corpus: str) -> Path:
+    """Where the gradient rows of one checkpoint and corpus keep feature stores and curvature."""
+    return Path(artifacts) / "features" / checkpoint / corpus
+
+
+def retrieval_key(world_manifest: dict, checkpoint_id: str | None, retriever_key: dict, corpus: str, k: int, n_queries) -> str:
+    """Identity of one retrieval: the world, the checkpoint (None for text baselines),
+    the retriever's own key (its name and resolved settings), the corpus and the queries."""
     return config_hash(
-        {"world": world_manifest["content_hash"], "checkpoint": checkpoint_id, "method": method,
+        {"world": world_manifest["content_hash"], "checkpoint": checkpoint_id, "retriever": retriever_key,
          "corpus": corpus, "k": k, "n_queries": n_queries}
     )
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluation.metrics import proponent_correctness
+from ..evaluation.metrics import RETRIEVAL_METRICS, proponent_correctness
+from .record import WANDB_CONFIG_KEY, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +45,14 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def flat_summary(record: dict) -> dict:
-    """Metrics as flat W&B summary keys: ``mrr``, ``mrr/ci_low``, ``split/relation/P36/mrr`` …"""
-    out = {}
-    for metric, stats in record.get("metrics", {}).items():
-        out[metric] = stats["mean"]
-        out[f"{metric}/ci_low"] = stats["ci_low"]
-        out[f"{metric}/ci_high"] = stats["ci_high"]
-        out[f"{metric}/n"] = stats["n"]
-    for split, groups in record.get("splits", {}).items():
-        for group, metrics in groups.items():
-            for metric, stats in metrics.items():
-                out[f"split/{split}/{group}/{metric}"] = stats["mean"]
-    for name, seconds in record.get("timings", {}).items():
-        out[f"time/{name}"] = seconds
-    out["status"] = record.get("status")
-    return out
+def wandb_summary(record: RunRecord) -> dict:
+    """The W&B summary: the record's flat metrics, its timings as ``time/…``, its status."""
+    return {**record.flat_metrics(), **{f"time/{k}": v for k, v in record.timings.items()}, "status": record.status}
 
 
 def per_query_rows(retrievals: Sequence[dict], per_query: pd.DataFrame) -> tuple[list[str], list[list]]:
     """Columns and rows of the per-query table: prompt, target, top proponents, metrics."""
-    metrics = [c for c in per_query.columns if c in ("mrr", "recall@10", "greedy_correct") or c.startswith("tail_patch@")]
+    metrics = [c for c in per_query.columns if c in (*RETRIEVAL_METRICS, "greedy_correct") or c.startswith("tail_patch@")]
     by_id = per_query.set_index("example_id")
     columns = ["example_id", "prompt", "target", "relation", "bucket", *metrics]
     for i in range(TOP_IN_TABLE):
@@ -87,7 +75,7 @@ def per_query_rows(retrievals: Sequence[dict], per_query: pd.DataFrame) -> tuple
 def log_to_wandb(
     run_dir: Path,
     config: dict,
-    record: dict,
+    record: RunRecord,
     retrievals: Sequence[dict],
     per_query: pd.DataFrame | None,
     logger_cfg,
@@ -95,7 +83,12 @@ def log_to_wandb(
     tags: Sequence[str],
     name: str,
 ) -> dict:
-    """Mirror a run record into one W&B run; returns what to note in the record."""
+    """Mirror a run record into one W&B run; returns what to note in the record.
+
+    The config is the resolved Hydra config plus the record's header (under
+    ``run_record``), the summary :func:`wandb_summary`: together they rebuild
+    the record (:func:`trackstar.tables.load_wandb_runs`).
+    """
     mode = resolve_mode(logger_cfg.mode)
     if mode == "disabled":
         return {"mode": "disabled"}
@@ -108,13 +101,13 @@ def log_to_wandb(
             group=group,
             tags=list(tags),
             name=name,
-            config=config,
+            config={**config, WANDB_CONFIG_KEY: record.header()},
             dir=str(run_dir),
             mode=mode,
             reinit="create_new",
             settings=wandb.Settings(console="off", silent=True),
         ) as run:
-            run.summary.update(flat_summary(record))
+            run.summary.update(wandb_summary(record))
             if per_query is not None and len(retrievals):
                 columns, rows = per_query_rows(retrievals, per_query)
                 limit = logger_cfg.max_table_rows

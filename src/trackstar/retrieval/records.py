@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+#: The two retrieval sets: the closed set (T-REx-like sentences) and the open
+#: set (the pretraining corpus).
+CORPORA = ("closed", "open")
+
+
 class Corpus:
     """Candidate texts of one retrieval set, with the facts each states.
 
@@ -19,8 +24,8 @@ class Corpus:
     """
 
     def __init__(self, name: str, ids: Sequence[str], texts: Sequence[str], fact_ids: Sequence[Sequence[str]]):
-        if name not in ("closed", "open"):
-            raise ValueError(f"corpus name must be 'closed' or 'open', got {name!r}")
+        if name not in CORPORA:
+            raise ValueError(f"corpus name must be one of {CORPORA}, got {name!r}")
         self.name = name
         self.ids = list(ids)
         self.texts = list(texts)
@@ -115,3 +120,16 @@ def label_retrievals(records: Sequence[dict], world, corpus_name: str, source: s
             out["proponent_ais_scores"] = [1.0 if fact in corpus.fact_ids[j] else 0.0 for j in positions]
         labelled.append(out)
     return labelled
+
+
+def query_text(query: dict) -> str:
+    """What a text baseline searches with: the whole fact statement, prompt and target."""
+    return f"{query['prompt']} {query['target']}"
+
+
+def text_records(queries: Sequence[dict], corpus: Corpus, rows, scores) -> list[dict]:
+    """Release-schema records from per-query corpus positions (queries x k) and scores."""
+    return [
+        retrieval_record(q, corpus, [corpus.ids[j] for j in r], s)
+        for q, r, s in zip(queries, rows.tolist(), scores.tolist(), strict=True)
+    ]

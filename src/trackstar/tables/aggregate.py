@@ -17,19 +17,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..baselines.dense import DEFAULT_MODEL as DENSE_DEFAULT_MODEL
 from .runs import TablesError
 
-METHOD_ORDER = ("bm25", "dense", "grad_dot", "grad_cosine", "trak", "exp1", "exp2", "exp3", "exp4", "exp5", "trackstar")
-METHOD_LABELS = {
-    "bm25": "BM25",
-    "dense": "Dense",
-    "grad_dot": "Gradient dot product",
-    "grad_cosine": "Gradient cosine",
-    "trak": "TRAK",
-    **{f"exp{i}": f"Exp {i}" for i in range(1, 6)},
-    "trackstar": "TrackStar",
-}
 CURVATURE_LABELS = {"none": "none", "train": "R_train", "mix": "R_mix"}
 OUTPUT_FN_ORDER = ("loss", "margin", "logit")
 CORRECTNESS_GROUPS = (("True", "Correct"), ("False", "Incorrect"))
@@ -72,11 +61,8 @@ def label_column(header: str) -> str:
 
 
 def method_label(run: pd.Series, corpora: int = 1) -> str:
-    label = METHOD_LABELS.get(run["method"], run["method"])
-    if run["method"] == "dense":
-        model = run.get("dense_model")
-        default = not isinstance(model, str) or model == DENSE_DEFAULT_MODEL
-        label = f"Dense ({'MiniLM' if default else model.rstrip('/').rsplit('/', 1)[-1]}; stands in for Gecko)"
+    """The label the run gave its method, with the corpus when a table mixes both."""
+    label = run["method_label"]
     return f"{label} ({run['corpus']} set)" if corpora > 1 else label
 
 
@@ -97,12 +83,27 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
 
 
-def _method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+#: The run tags (the ``table`` of a run record) each output is built from, in
+#: order of preference: a table without runs of its own borrows the next tag's.
+SOURCES: dict[str, tuple[str, ...]] = {
+    "table1": ("table1",),
+    "table2": ("table2",),
+    "table_a3": ("table_a3",),
+    "table_a4": ("table_a4",),
+    "table_a5": ("table_a5",),
+    "table_a6": ("table_a6", "table1"),
+    "table_a7": ("table_a7", "table1"),
+    "figure2": ("figure2_dim", "table_a4", "figure2_scale"),
+}
 
 
 def select(runs: pd.DataFrame, table: str, fallback: str | None = None) -> tuple[pd.DataFrame, str | None]:
-    """Runs tagged ``table``, else those tagged ``fallback``; and a note saying which."""
+    """Runs tagged ``table``, else those tagged ``fallback``; and a note saying which.
+
+    ``fallback`` defaults to the next tag of ``SOURCES[table]``.
+    """
+    if fallback is None and len(SOURCES.get(table, ())) > 1:
+        fallback = SOURCES[table][1]
     chosen = runs[runs["table"] == table]
     if chosen.empty and fallback is not None:
         chosen = runs[runs["table"] == fallback]
@@ -150,7 +151,7 @@ def _method_table(name: str, title: str, runs: pd.DataFrame, columns, note, stri
     corpora = runs["corpus"].nunique()
     return build_table(
         name, title, runs, {"Method": lambda r: method_label(r, corpora)}, columns,
-        key=lambda r: (str(r["corpus"]), _method_rank(r["method"]), r["method"]), note=note, strict=strict,
+        key=lambda r: (str(r["corpus"]), float(r["method_rank"]), r["method"], str(r["method_label"])), note=note, strict=strict,
     )
 
 
@@ -209,13 +210,13 @@ def table_a5(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
 
 
 def table_a6(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
-    chosen, note = select(runs, "table_a6", fallback="table1")
+    chosen, note = select(runs, "table_a6")
     columns = [Column(f"Tail-patch@{k} (pp)", f"tail_patch@{k}") for k in (1, 3, 5, 10)]
     return _method_table("table_a6", "Table A.6: tail-patch over the top-k proponents", chosen, columns, note, strict)
 
 
 def table_a7(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
-    chosen, note = select(runs, "table_a7", fallback="table1")
+    chosen, note = select(runs, "table_a7")
     columns = [
         Column(f"{name}: {c.header}", f"split/greedy_correct/{group}/{c.key}")
         for group, name in CORRECTNESS_GROUPS for c in MAIN_COLUMNS

@@ -19,21 +19,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..experiment.records import now
+from ..experiment.record import now
 from ..io import ArtifactError, atomic_write_text, ensure_writable_dir
-from .aggregate import TABLES
+from .aggregate import SOURCES, TABLES
 from .figures import figure2, figure2_frame, plot_figure2
 from .render import table_provenance, to_markdown, write_table
 from .runs import RunSet, TablesError, check_commits, describe_commits, load_local_runs, load_wandb_runs
 
 FIGURES = ("figure2",)
-#: The run tags each output is built from, in order of preference (for messages).
-RUN_TAGS = {
-    **{name: (name,) for name in TABLES},
-    "table_a6": ("table_a6", "table1"),
-    "table_a7": ("table_a7", "table1"),
-    "figure2": ("figure2_dim", "table_a4", "figure2_scale"),
-}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,8 +55,8 @@ def requested(value: str | None) -> list[str]:
 
 def load(args: argparse.Namespace) -> RunSet:
     if args.source == "wandb":
-        return load_wandb_runs(args.entity, args.project)
-    return load_local_runs(args.results)
+        return load_wandb_runs(args.entity, args.project, strict=args.strict)
+    return load_local_runs(args.results, strict=args.strict)
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -80,11 +73,11 @@ def generate(args: argparse.Namespace, command: str) -> int:
     for name in names:
         table = figure2(runs.frame, args.strict) if name == "figure2" else TABLES[name](runs.frame, args.strict)
         if table is None:
-            message = f"{name}: no runs tagged {' or '.join(RUN_TAGS[name])} in {runs.source}; skipped."
+            message = f"{name}: no runs tagged {' or '.join(SOURCES[name])} in {runs.source}; skipped."
             if args.strict:
                 raise TablesError(
                     f"{message.replace('; skipped.', '.')} Run its sweep, e.g. "
-                    f"`trackstar-run -m --config-dir sweeps --config-name {RUN_TAGS[name][0]}` (--strict is set)."
+                    f"`trackstar-run -m --config-dir sweeps --config-name {SOURCES[name][0]}` (--strict is set)."
                 )
             print(message, file=sys.stderr)
             skipped.append(name)
@@ -127,6 +120,9 @@ def write_index(out: Path, made: list, skipped: list[str], runs: RunSet, command
     if runs.failed:
         lines += ["", f"Left out: {len(runs.failed)} run(s) that did not finish:"]
         lines += [f"- `{f['run']}`: {f['error']}" for f in runs.failed]
+    if runs.stale:
+        lines += ["", f"Left out: {len(runs.stale)} run record(s) of another schema version:"]
+        lines += [f"- {s}" for s in runs.stale]
     lines += [
         "",
         "Every `.md`, `.tex` and `.csv` opens with a comment naming the command, the source,",

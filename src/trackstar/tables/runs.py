@@ -1,23 +1,23 @@
 """Run records as one DataFrame: the only input of the tables and figures.
 
 A run comes from a local run directory (``results/<table>/<run>/metrics.json``)
-or from its W&B mirror; both become one row with the same columns:
+or from its W&B mirror; both are a :class:`~trackstar.experiment.record.RunRecord`
+and become one row through :meth:`RunRecord.table_row`, so both give the same
+columns:
 
 - identity: ``run`` (the run directory, or ``wandb:entity/project/id``),
-  ``table``, ``method``, ``corpus``, ``git_commit``, ``finished``;
+  ``table``, ``method``, ``method_label``, ``method_rank``, ``family``,
+  ``corpus``, ``git_commit``, ``finished``;
 - setting: ``world_profile``, ``world_seed``, ``model_size``, ``model_seed``,
-  ``checkpoint``, ``hf_name_or_path``, ``dense_model``, and for gradient
-  methods the resolved attribution settings ``output_fn``, ``use_v``,
-  ``curvature``, ``unit_norm``, ``lam`` (the setting: a number or ``auto``),
-  ``lam_used`` (the λ the run used), ``projection``, ``d``;
-- metrics, flat, as in the W&B summary: ``mrr``, ``mrr/ci_low``,
-  ``mrr/ci_high``, ``mrr/n`` and ``split/<split>/<group>/<metric>`` (a local
-  record also gives a split's ``/ci_low``, ``/ci_high`` and ``/n``; W&B only
-  has the split's mean).
+  ``checkpoint``, ``hf_name_or_path``, ``lam_used`` (the λ the run used), and
+  the method's resolved settings as the run wrote them (for gradient rows
+  ``output_fn``, ``use_v``, ``curvature``, ``unit_norm``, ``lam``,
+  ``projection``, ``d`` …; for ``dense`` its ``model``);
+- metrics, flat: ``mrr``, ``mrr/ci_low``, ``mrr/ci_high``, ``mrr/n`` and
+  ``split/<split>/<group>/<metric>`` with the same suffixes.
 
-A method field left null in the config means "the preset's value": a local
-record's ``info.settings`` holds the values the run actually used; only when
-it is absent (W&B) are the presets consulted.
+Records of another schema version are left out with a warning naming them
+(an error under ``--strict``).
 """
 
 from __future__ import annotations
@@ -29,13 +29,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..experiment.records import METRICS_FILE
-from ..io import read_json
+from ..experiment.record import METRICS_FILE, WANDB_CONFIG_KEY, RecordSchemaError, RunRecord, read_record
 
 SWEEP_HINT = "trackstar-run -m --config-dir sweeps --config-name table1"
-METHOD_FIELDS = ("output_fn", "use_v", "curvature", "unit_norm", "lam", "projection", "d")
-BASELINE_METHODS = ("bm25", "dense")
-UNKNOWN_COMMIT = "unknown"
 
 
 class TablesError(RuntimeError):
@@ -50,6 +46,10 @@ class FailedRunsWarning(UserWarning):
     """Some runs failed and are left out of every table."""
 
 
+class StaleRecordsWarning(UserWarning):
+    """Some run records are of another schema version and are left out."""
+
+
 @dataclass
 class RunSet:
     """Finished runs (one row each), the failed ones, and where they came from."""
@@ -57,13 +57,15 @@ class RunSet:
     frame: pd.DataFrame
     source: str
     failed: list[dict] = field(default_factory=list)
+    #: Records of another schema version, left out ("<run>: <reason>").
+    stale: list[str] = field(default_factory=list)
 
     @property
     def commits(self) -> Counter:
         return Counter(self.frame["git_commit"])
 
 
-def load_local_runs(results: str | Path) -> RunSet:
+def load_local_runs(results: str | Path, strict: bool = False) -> RunSet:
     """Every run record under ``results`` (recursively)."""
     root = Path(results)
     paths = sorted(root.rglob(METRICS_FILE)) if root.is_dir() else []
@@ -72,25 +74,23 @@ def load_local_runs(results: str | Path) -> RunSet:
             f"No run records ({METRICS_FILE}) under {str(root)!r}. Run a sweep first, e.g. "
             f"`{SWEEP_HINT}`, or point --results at the directory that holds them."
         )
-    rows, failed = [], []
+    rows, failed, stale = [], [], []
     for path in paths:
-        record = read_json(path)
         run_id = str(path.parent)
-        if record.get("status") != "finished":
-            failed.append({"run": run_id, "status": record.get("status"), "error": record.get("error")})
+        try:
+            record = read_record(path)
+        except RecordSchemaError as exc:
+            stale.append(f"{run_id}: {exc}")
             continue
-        for key in ("table", "method", "metrics"):
-            if key not in record:
-                raise TablesError(
-                    f"{str(path)!r} is a finished run record without {key!r}; it was written by an "
-                    "older trackstar. Re-run that job with force=true, or delete its directory."
-                )
-        rows.append(_row(run_id, record, _flatten(record["metrics"], record.get("splits", {}))))
-    return _runset(rows, failed, f"local run records under {root}", f"under {str(root)!r}")
+        if record.status != "finished":
+            failed.append({"run": run_id, "status": record.status, "error": record.error})
+            continue
+        rows.append(record.table_row(run_id))
+    return _runset(rows, failed, stale, strict, f"local run records under {root}", f"under {str(root)!r}")
 
 
-def load_wandb_runs(entity: str, project: str, api=None) -> RunSet:
-    """Every run of a W&B project, rebuilt from its config and summary.
+def load_wandb_runs(entity: str, project: str, api=None, strict: bool = False) -> RunSet:
+    """Every run of a W&B project, rebuilt from the record header in its config and its summary.
 
     ``api`` defaults to ``wandb.Api()``; tests pass a fake. The git commit is
     the one W&B saw (its run metadata), without a ``-dirty`` mark.
@@ -101,7 +101,7 @@ def load_wandb_runs(entity: str, project: str, api=None) -> RunSet:
         import wandb
 
         api = wandb.Api()
-    rows, failed = [], []
+    rows, failed, stale = [], [], []
     for run in api.runs(f"{entity}/{project}"):
         run_id = "wandb:" + "/".join(run.path)
         config = dict(run.config)
@@ -110,25 +110,20 @@ def load_wandb_runs(entity: str, project: str, api=None) -> RunSet:
         if status != "finished":
             failed.append({"run": run_id, "status": status, "error": f"W&B run state {run.state!r}; its local run record holds the error"})
             continue
-        if not isinstance(config.get("method"), dict) or "table" not in config:
-            raise TablesError(
-                f"W&B run {run_id} has no resolved trackstar config (keys 'method', 'table'); "
-                f"it was not logged by trackstar-run. Move it out of {entity}/{project} or delete it."
-            )
-        record = {
-            "table": config["table"],
-            "method": config["method"]["name"],
-            "corpus": config.get("eval", {}).get("corpus"),
-            "world": config.get("world", {}),
-            "model": config.get("model", {}),
-            "method_config": config["method"],
-            "git_commit": ((run.metadata or {}).get("git") or {}).get("commit"),
-            # Only orders re-runs of one table row (the later wins); W&B's start time does that.
-            "finished": getattr(run, "created_at", None),
-        }
-        metrics = {k: v for k, v in summary.items() if not k.startswith(("_", "time/")) and k != "status"}
-        rows.append(_row(run_id, record, metrics))
-    return _runset(rows, failed, f"W&B project {entity}/{project}", f"in W&B project {entity}/{project}")
+        header = config.get(WANDB_CONFIG_KEY)
+        if not isinstance(header, dict):
+            stale.append(f"{run_id}: its config has no {WANDB_CONFIG_KEY!r}; it was not logged by this trackstar's trackstar-run")
+            continue
+        commit = ((run.metadata or {}).get("git") or {}).get("commit")
+        # Only orders re-runs of one table row (the later wins); W&B's start time does that.
+        header = {**header, "git_commit": commit, "finished": getattr(run, "created_at", None)}
+        try:
+            record = RunRecord.from_header(header, summary, f"W&B run {run_id}")
+        except RecordSchemaError as exc:
+            stale.append(f"{run_id}: {exc}")
+            continue
+        rows.append(record.table_row(run_id))
+    return _runset(rows, failed, stale, strict, f"W&B project {entity}/{project}", f"in W&B project {entity}/{project}")
 
 
 def check_commits(runs: RunSet, require_single: bool = False) -> None:
@@ -154,7 +149,15 @@ def describe_commits(commits: Counter) -> str:
     return ", ".join(f"{c} ({n} run{'s' * (n != 1)})" for c, n in sorted(commits.items()))
 
 
-def _runset(rows: list[dict], failed: list[dict], source: str, where: str) -> RunSet:
+def _runset(rows: list[dict], failed: list[dict], stale: list[str], strict: bool, source: str, where: str) -> RunSet:
+    if stale:
+        message = (
+            f"{len(stale)} run record(s) of another schema are left out of every table:\n  " + "\n  ".join(stale)
+            + "\nRe-run their sweeps (they re-run: their config ids changed) and move the old directories away."
+        )
+        if strict:
+            raise TablesError(message + " (--strict is set)")
+        warnings.warn(message, StaleRecordsWarning, stacklevel=3)
     if failed:
         lines = "\n".join(f"  {f['run']}: {f['status']}: {f['error']}" for f in failed)
         warnings.warn(
@@ -165,71 +168,7 @@ def _runset(rows: list[dict], failed: list[dict], source: str, where: str) -> Ru
         )
     if not rows:
         raise TablesError(
-            f"No finished runs {where} ({len(failed)} failed). Fix the failures listed above and "
-            f"re-run the sweep, e.g. `{SWEEP_HINT}`."
+            f"No finished runs {where} ({len(failed)} failed, {len(stale)} of another schema). Fix the "
+            f"failures listed above and re-run the sweep, e.g. `{SWEEP_HINT}`."
         )
-    return RunSet(pd.DataFrame(rows), source, failed)
-
-
-def _flatten(metrics: dict, splits: dict) -> dict:
-    out = {}
-
-    def put(prefix: str, stats: dict) -> None:
-        out[prefix] = stats["mean"]
-        for part in ("ci_low", "ci_high", "n"):
-            if part in stats:
-                out[f"{prefix}/{part}"] = stats[part]
-
-    for metric, stats in metrics.items():
-        put(metric, stats)
-    for split, groups in splits.items():
-        for group, by_metric in groups.items():
-            for metric, stats in by_metric.items():
-                put(f"split/{split}/{group}/{metric}", stats)
-    return out
-
-
-def _row(run_id: str, record: dict, metrics: dict) -> dict:
-    world, model = record.get("world", {}), record.get("model", {})
-    method_config = record.get("method_config", {})
-    info = record.get("info") or {}
-    row = {
-        "run": run_id,
-        "table": record["table"],
-        "method": record["method"],
-        "corpus": record.get("corpus"),
-        "git_commit": record.get("git_commit") or UNKNOWN_COMMIT,
-        "finished": record.get("finished"),
-        "world_profile": world.get("profile"),
-        "world_seed": world.get("seed"),
-        "model_size": model.get("size"),
-        "model_seed": model.get("seed"),
-        "checkpoint": model.get("checkpoint"),
-        "hf_name_or_path": model.get("hf_name_or_path"),
-        "dense_model": info.get("dense_model") or method_config.get("dense_model"),
-        "lam_used": info.get("lambda"),
-    }
-    row.update(_method_settings(record["method"], record.get("corpus"), method_config, info.get("settings")))
-    row.update(metrics)
-    return row
-
-
-def _method_settings(method: str, corpus: str | None, method_config: dict, used: dict | None) -> dict:
-    """The attribution settings of a gradient-method run, nulls resolved to the preset."""
-    if method in BASELINE_METHODS:
-        return dict.fromkeys(METHOD_FIELDS)
-    if used:
-        return {k: used.get(k) for k in METHOD_FIELDS}
-    out = {k: method_config.get(k) for k in METHOD_FIELDS}
-    if any(out[k] is None for k in METHOD_FIELDS):
-        # Imported here: the presets pull in torch, which a table of local runs never needs.
-        from ..attribution.methods import METHODS
-        from ..evaluation.fact_tracing import DEFAULT_LAMBDA
-
-        if method not in METHODS:
-            raise TablesError(f"Run of unknown method {method!r}: cannot resolve its preset; known: {sorted(METHODS)}.")
-        preset = METHODS[method]
-        for k in METHOD_FIELDS:
-            if out[k] is None:
-                out[k] = DEFAULT_LAMBDA.get(corpus, preset.lam) if k == "lam" else getattr(preset, k)
-    return out
+    return RunSet(pd.DataFrame(rows), source, failed, stale)

@@ -1,0 +1,254 @@
+"""One cell of a paper table as a plain function: config in, run record out.
+
+    from trackstar.experiment import compose_config, run_cell
+    record = run_cell(compose_config(["method=bm25", "eval=open"]))
+
+``run_cell`` runs the pipeline of one (world, model, method, corpus) setting,
+world -> model -> retrieval -> evaluation -> run record (+ W&B), reusing every
+cached stage (see :mod:`.stages`). ``trackstar-run`` (Hydra, one call per job
+of a multirun) and ``trackstar run`` are thin shells around it. A job whose
+finished record exists is skipped; a failed job records ``status: failed``
+with its error and, under multirun, does not stop the sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..io import config_hash, read_jsonl, sha256_file, write_jsonl
+from . import record as rec
+from .record import MethodInfo, RunRecord
+from .schema import register as register_schema
+from .stages import (
+    build_world_stage,
+    checkpoint_path,
+    features_dir,
+    pretrain_stage,
+    retrieval_key,
+    retrieval_stage,
+    stage_lock,
+)
+
+log = logging.getLogger("trackstar")
+
+#: Keys that do not change a run's results (left out of its identity).
+RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; raised before any work starts."""
+
+
+def _run_id(*nodes) -> str:
+    return config_hash([OmegaConf.to_container(n, resolve=True) if isinstance(n, DictConfig) else n for n in nodes], 8)
+
+
+OmegaConf.register_new_resolver("ts_run_id", _run_id, replace=True)
+register_schema()
+
+
+def config_id(cfg: DictConfig) -> str:
+    return config_hash({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in RUNTIME_KEYS})
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: str | Path | None = None) -> DictConfig:
+    """The resolved config of ``overrides`` without a Hydra app (for Python and the CLI)."""
+    from hydra import compose, initialize_config_dir
+
+    search = []
+    if config_dir is None:
+        config_dir = Path(__file__).resolve().parents[1] / "conf"
+    else:
+        search = ["hydra.searchpath=[pkg://trackstar.conf]"]
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        return compose(config_name=config_name, overrides=[*search, *overrides], return_hydra_config=False)
+
+
+def method_options(method: Mapping, family: str) -> dict:
+    """What the method's retriever is configured with.
+
+    ``method.options`` for every method; a gradient row also takes the shared
+    attribution fields of ``method`` (d, lam, output_fn, …) that are set.
+    """
+    options = dict(method.get("options") or {})
+    if family == "gradient":
+        shared = {k: v for k, v in method.items() if k not in ("name", "options") and v is not None}
+        options = {**shared, **options}
+    return options
+
+
+def validate(cfg: DictConfig):
+    """Check every value before any work starts; returns the configured retriever.
+
+    Types were checked at composition; this checks values, naming the key.
+    """
+    from ..lm.models import check_family, check_size
+    from ..lm.optim import check_optimizer
+    from ..retrieval import get_retriever, retriever_class
+    from ..world import get_profile
+    from ..world.store import check_seed
+    from .tracking import resolve_mode
+
+    try:
+        get_profile(cfg.world.profile)
+        check_seed(cfg.world.seed)
+        if not cfg.model.hf_name_or_path:
+            check_family(cfg.model.family)
+            check_size(cfg.model.size)
+            check_optimizer(cfg.model.optimizer)
+            if not any(abs(cfg.model.checkpoint - f) < 1e-9 for f in [*cfg.model.checkpoint_fractions, 1.0]):
+                raise ValueError(
+                    f"model.checkpoint={cfg.model.checkpoint} is not in model.checkpoint_fractions="
+                    f"{list(cfg.model.checkpoint_fractions)}; add it there or pick one of them."
+                )
+        method = OmegaConf.to_container(cfg.method, resolve=True)
+        retriever = get_retriever(cfg.method.name, method_options(method, retriever_class(cfg.method.name).family),
+                                  cfg.eval.corpus)
+        if cfg.eval.k < max(cfg.eval.tail_patch_ks, default=1):
+            raise ValueError(f"eval.k={cfg.eval.k} is smaller than max(eval.tail_patch_ks)={max(cfg.eval.tail_patch_ks)}; raise k.")
+        resolve_mode(cfg.logger.mode)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return retriever
+
+
+def _stage_dir_name(checkpoint_id: str) -> str:
+    return checkpoint_id.replace("/", "__").replace(":", "_")
+
+
+def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], object]:
+    """The stages of one cell; fills ``record`` and returns (retrievals, per-query metrics)."""
+    from ..evaluation.fact_tracing import evaluate, metric_columns
+    from ..evaluation.splits import metric_summary
+    from ..lm import evaluate_queries, load_checkpoint, load_hf_causal_lm
+    from ..retrieval import RetrievalTask, run
+    from ..world import load_world
+
+    artifacts = Path(cfg.artifacts_dir)
+    timings = record.timings
+    t = time.perf_counter()
+    world_path = build_world_stage(artifacts, cfg.world)
+    world = load_world(world_path)
+    timings["world"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if cfg.model.hf_name_or_path:
+        checkpoint = load_hf_causal_lm(cfg.model.hf_name_or_path)
+        ckpt_path, ckpt_id = None, f"hf:{cfg.model.hf_name_or_path}"
+        query_eval = evaluate_queries(checkpoint.model, checkpoint.tokenizer, world.queries)
+    else:
+        model_run = pretrain_stage(artifacts, world_path, cfg.model, progress=cfg.progress)
+        ckpt_path = checkpoint_path(model_run, cfg.model.checkpoint)
+        checkpoint = load_checkpoint(ckpt_path)
+        ckpt_id = f"{model_run.name}/{ckpt_path.name}"
+        query_eval = read_jsonl(ckpt_path / "query_eval.jsonl")
+    timings["model"] = time.perf_counter() - t
+
+    queries = world.queries[: cfg.eval.n_queries] if cfg.eval.n_queries else world.queries
+    gradient = retriever.family == "gradient"
+    key = retrieval_key(world.manifest, ckpt_id if gradient else None, retriever.cache_key(), cfg.eval.corpus,
+                        cfg.eval.k, cfg.eval.n_queries)
+    features = features_dir(artifacts, _stage_dir_name(ckpt_id), cfg.eval.corpus)
+    task = RetrievalTask(world, cfg.eval.corpus, queries, cfg.eval.k, checkpoint if gradient else None,
+                         features if gradient else None)
+
+    def compute():
+        if not gradient:
+            return run(retriever, task)
+        # Gradient rows of one checkpoint and corpus share feature stores and
+        # curvature (e.g. exp2 and exp4); parallel jobs take turns writing them.
+        with stage_lock(artifacts, f"features-{features.parent.name}-{features.name}"):
+            return run(retriever, task)
+
+    t = time.perf_counter()
+    retrievals, record.info = retrieval_stage(artifacts, key, compute)
+    timings["retrieval"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    can_patch = cfg.eval.tail_patch and checkpoint.optimizer is not None
+    if cfg.eval.tail_patch and not can_patch:
+        log.warning("tail-patch skipped: %s has no optimizer state", ckpt_id)
+    per_query = evaluate(
+        retrievals, checkpoint if can_patch else None, query_eval,
+        tuple(cfg.eval.tail_patch_ks) if can_patch else (), progress=cfg.progress,
+        cache_dir=artifacts / "tailpatch" / _stage_dir_name(ckpt_id),
+    )
+    timings["evaluation"] = time.perf_counter() - t
+
+    record.metrics, record.splits = metric_summary(
+        per_query, metric_columns(per_query), cfg.eval.bootstrap_resamples, cfg.eval.confidence)
+    record.n_queries = int(len(per_query))
+    weights = ckpt_path / "model.safetensors" if ckpt_path else None
+    record.artifacts = {
+        "world": {"path": str(world_path), "content_hash": world.manifest["content_hash"]},
+        "checkpoint": {"id": ckpt_id, "path": str(ckpt_path) if ckpt_path else None,
+                       "hash": sha256_file(weights) if weights and weights.is_file() else None},
+        "retrievals": {"key": key, "path": str(artifacts / "retrievals" / key)},
+    }
+    return retrievals, per_query
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    """Where a run outside Hydra lands: as ``trackstar-run`` would put it."""
+    ident = _run_id(cfg.world, cfg.model, cfg.method, cfg.eval)
+    return Path(cfg.results_dir) / cfg.table / f"{cfg.method.name}-{cfg.eval.corpus}-{ident}"
+
+
+def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool = False,
+             wandb_group: str | None = None) -> RunRecord:
+    """Run (or skip, when finished) one cell and write its run record; see the module doc.
+
+    Raises :class:`ConfigError` before any work for an invalid config. A
+    failure after that is recorded; it is raised again unless ``multirun``.
+    """
+    from .tracking import log_to_wandb
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    retriever = validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cid = config_id(cfg)
+    done = None if cfg.force else rec.finished_record(run_dir, cid)
+    if done is not None:
+        log.info("skipping %s: a finished run record exists (force=true re-runs it)", run_dir)
+        print(f"[skip] {run_dir} is finished")
+        return done
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    rec.write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    record = RunRecord(
+        config_id=cid, table=cfg.table, corpus=cfg.eval.corpus,
+        method=MethodInfo(retriever.name, retriever.label, retriever.family, retriever.rank, retriever.settings),
+        world=resolved["world"], model=resolved["model"], eval=resolved["eval"],
+        git_commit=rec.git_commit(Path(__file__).parent), started=rec.now(), run_dir=str(run_dir),
+    )
+    t0 = time.perf_counter()
+    retrievals, per_query = [], None
+    try:
+        retrievals, per_query = execute(cfg, retriever, record)
+        rec.write_per_query(run_dir, per_query)
+        write_jsonl(run_dir / rec.RETRIEVALS_FILE, retrievals)
+        record.status = "finished"
+    except Exception as exc:  # noqa: BLE001 - recorded, then re-raised outside multirun
+        record.status, record.error, record.traceback = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        log.error("run failed: %s", record.error)
+        if not multirun:
+            record.finished = rec.now()
+            rec.write_record(run_dir, record)
+            raise
+    record.finished = rec.now()
+    record.timings["total"] = time.perf_counter() - t0
+    rec.write_record(run_dir, record)
+    record.wandb = log_to_wandb(
+        run_dir, resolved, record, retrievals, per_query, cfg.logger, group=wandb_group or cfg.table,
+        tags=[cfg.table, cfg.method.name, cfg.eval.corpus], name=run_dir.name,
+    )
+    rec.write_record(run_dir, record)
+    headline = ("mrr", "recall@10", f"tail_patch@{max(cfg.eval.tail_patch_ks, default=10)}")
+    summary = ", ".join(f"{m}={record.metrics[m]['mean']:.3f}" for m in headline if m in record.metrics)
+    print(f"[{record.status}] {run_dir} {summary or record.error or ''}")
+    return record

@@ -1,0 +1,229 @@
+"""The run record: what one job leaves behind, and the only thing the tables read.
+
+A run directory holds::
+
+    config.yaml        the resolved config
+    metrics.json       the :class:`RunRecord` (status, every metric with its
+                       interval, splits, timings, artifacts, git commit, error)
+    retrievals.jsonl   the retrieval records (release schema)
+    per_query.csv      every per-query metric, for re-aggregation
+
+The record carries everything a reader needs to place a run in a table: the
+method's label, its row rank and its resolved settings, written by the run
+itself. Readers therefore never import the stages that produced it (this
+module imports no other part of trackstar but :mod:`trackstar.io`). The local
+record is always written before anything is sent to W&B, and W&B gets the
+same record: its header as config, :meth:`RunRecord.flat_metrics` as summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_json, atomic_write_text, read_json
+
+SCHEMA_VERSION = 2
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+RETRIEVALS_FILE = "retrievals.jsonl"
+PER_QUERY_FILE = "per_query.csv"
+#: Where :meth:`RunRecord.header` goes in a W&B run's config.
+WANDB_CONFIG_KEY = "run_record"
+STATS = ("mean", "ci_low", "ci_high", "n")
+SPLIT_PREFIX = "split/"
+UNKNOWN_COMMIT = "unknown"
+
+
+class RecordSchemaError(ValueError):
+    """A run record of another schema version, or not a run record at all."""
+
+
+@dataclass
+class MethodInfo:
+    """The method of a run, as the run itself resolved it."""
+
+    name: str
+    label: str
+    family: str  # baseline | gradient
+    rank: float  # row position in the tables (lower first)
+    #: Every value that determines the method's results (nulls in the config
+    #: resolved to the preset's or corpus default's value).
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    config_id: str
+    table: str
+    corpus: str
+    method: MethodInfo
+    world: dict
+    model: dict
+    eval: dict
+    git_commit: str | None
+    started: str
+    run_dir: str
+    status: str = "running"
+    finished: str | None = None
+    #: metric -> {mean, ci_low, ci_high, n}
+    metrics: dict = field(default_factory=dict)
+    #: split -> group -> metric -> {mean, ci_low, ci_high, n}
+    splits: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)
+    #: What the method decided on its own (λ when auto, where V came from, stores).
+    info: dict = field(default_factory=dict)
+    n_queries: int | None = None
+    error: str | None = None
+    traceback: str | None = None
+    wandb: dict | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    # --- serialization --------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "run record") -> RunRecord:
+        version = data.get("schema_version", 1) if isinstance(data, dict) else None
+        if version != SCHEMA_VERSION:
+            raise RecordSchemaError(
+                f"{source} has run-record schema {version}, this trackstar reads schema {SCHEMA_VERSION}. "
+                "Re-run its job (the sweep re-runs it: its config id changed) or move the old run directory away."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise RecordSchemaError(f"{source} lacks {missing}; it is not a complete run record.")
+        values = {k: v for k, v in data.items() if k in names}
+        values["method"] = MethodInfo(**data["method"])
+        return cls(**values)
+
+    def header(self) -> dict:
+        """The record without its metrics: what a W&B config carries."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("metrics", "splits", "timings", "traceback")}
+
+    @classmethod
+    def from_header(cls, header: dict, flat: dict, source: str) -> RunRecord:
+        """Rebuild a record from :meth:`header` and :meth:`flat_metrics` (a W&B run)."""
+        metrics, splits = unflatten_metrics(flat)
+        return cls.from_dict({**header, "metrics": metrics, "splits": splits}, source)
+
+    # --- the one flattening -------------------------------------------------------------
+    def flat_metrics(self) -> dict:
+        """``mrr``, ``mrr/ci_low`` …, ``split/<split>/<group>/<metric>[/<stat>]``."""
+        return flatten_metrics(self.metrics, self.splits)
+
+    def table_row(self, run_id: str) -> dict:
+        """One row of the tables' DataFrame: identity, settings, flat metrics."""
+        row = {
+            "run": run_id,
+            "table": self.table,
+            "method": self.method.name,
+            "method_label": self.method.label,
+            "method_rank": self.method.rank,
+            "family": self.method.family,
+            "corpus": self.corpus,
+            "git_commit": self.git_commit or UNKNOWN_COMMIT,
+            "finished": self.finished,
+            "world_profile": self.world.get("profile"),
+            "world_seed": self.world.get("seed"),
+            "model_size": self.model.get("size"),
+            "model_seed": self.model.get("seed"),
+            "checkpoint": self.model.get("checkpoint"),
+            "hf_name_or_path": self.model.get("hf_name_or_path"),
+            "lam_used": self.info.get("lambda"),
+        }
+        row.update({k: v for k, v in self.method.settings.items() if k not in row})
+        row.update(self.flat_metrics())
+        return row
+
+
+def flatten_metrics(metrics: dict, splits: dict) -> dict:
+    out: dict[str, Any] = {}
+
+    def put(prefix: str, stats: dict) -> None:
+        out[prefix] = stats["mean"]
+        for part in STATS[1:]:
+            if part in stats:
+                out[f"{prefix}/{part}"] = stats[part]
+
+    for metric, stats in metrics.items():
+        put(metric, stats)
+    for split, groups in splits.items():
+        for group, by_metric in groups.items():
+            for metric, stats in by_metric.items():
+                put(f"{SPLIT_PREFIX}{split}/{group}/{metric}", stats)
+    return out
+
+
+def unflatten_metrics(flat: dict) -> tuple[dict, dict]:
+    """The inverse of :func:`flatten_metrics`; keys it cannot have written (W&B's own
+    ``_runtime``, timings ``time/…``, ``status``) are ignored."""
+    metrics: dict = {}
+    splits: dict = {}
+    for key, value in flat.items():
+        if key.startswith(("_", "time/")) or isinstance(value, (str, bool)) or value is None:
+            continue
+        parts = key.split("/")
+        stat = "mean"
+        if parts[-1] in STATS[1:]:
+            stat, parts = parts[-1], parts[:-1]
+        if parts[0] == SPLIT_PREFIX.rstrip("/") and len(parts) == 4:
+            _, split, group, metric = parts
+            splits.setdefault(split, {}).setdefault(group, {}).setdefault(metric, {})[stat] = value
+        elif len(parts) == 1:
+            metrics.setdefault(parts[0], {})[stat] = value
+    return metrics, splits
+
+
+# --- run directories -----------------------------------------------------------------------
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_record(path: str | Path) -> RunRecord:
+    """The run record at ``path`` (a ``metrics.json``); RecordSchemaError for another schema."""
+    return RunRecord.from_dict(read_json(path), f"{str(path)!r}")
+
+
+def finished_record(run_dir: Path, config_id: str) -> RunRecord | None:
+    """The finished record of this exact config in ``run_dir``, if any (to skip the job)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = read_record(path)
+    except RecordSchemaError:
+        return None
+    return record if record.status == "finished" and record.config_id == config_id else None
+
+
+def write_record(run_dir: Path, record: RunRecord) -> Path:
+    path = Path(run_dir) / METRICS_FILE
+    atomic_write_json(path, record.to_dict())
+    return path
+
+
+def write_config(run_dir: Path, yaml_text: str) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, yaml_text)
+
+
+def write_per_query(run_dir: Path, per_query) -> None:
+    atomic_write_text(Path(run_dir) / PER_QUERY_FILE, per_query.to_csv(index=False))
