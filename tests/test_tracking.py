@@ -67,6 +67,12 @@ def test_offline_run_is_written_and_holds_config_and_summary(tmp_path, monkeypat
     assert info["mode"] == "offline" and "error" not in info
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    # The SDK hands records to its service process, which writes the run's log on its own
+    # schedule; shutting the service down is what guarantees everything is on disk (a sweep
+    # process does this at exit).
+    import wandb
+
+    wandb.teardown()
     # Offline runs keep config, summary and history in the run's .wandb log (protobuf,
     # strings stored as written) and tables as JSON media files.
     (log,) = runs[0].glob("*.wandb")
