@@ -168,15 +168,20 @@ def test_curvature_is_cached_and_shared_without_changing_scores(micro_world, che
     for result in (cached, again):
         assert result.proponent_ids == fresh.proponent_ids
         np.testing.assert_allclose(result.proponent_scores, fresh.proponent_scores, rtol=1e-6)
-    files = sorted(p.name.split("-")[0] for p in (tmp_path / "curvature").iterdir())
-    assert files == ["r", "r", "whitening"]  # R_train, R_eval, one R^{-1/2}
+    def cached_kinds():
+        # Each cached matrix file has a checksum file beside it.
+        assert sorted(p.name for p in (tmp_path / "curvature").glob("*.sha256")) == sorted(
+            p.name + ".sha256" for p in (tmp_path / "curvature").glob("*.pt"))
+        return sorted(p.name.split("-")[0] for p in (tmp_path / "curvature").glob("*.pt"))
+
+    assert cached_kinds() == ["r", "r", "whitening"]  # R_train, R_eval, one R^{-1/2}
     run("trackstar", tmp_path, lam="auto")  # a new λ: a new decomposition, the same R matrices
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "curvature").iterdir()) == ["r", "r", "whitening", "whitening"]
+    assert cached_kinds() == ["r", "r", "whitening", "whitening"]
     # exp1 and TRAK whiten with the same R_train (no V): one decomposition serves both.
     run("exp1", tmp_path)
-    n = len(list((tmp_path / "curvature").iterdir()))
+    n = len(cached_kinds())
     run("trak", tmp_path)
-    assert len(list((tmp_path / "curvature").iterdir())) == n
+    assert len(cached_kinds()) == n
 
 
 def test_sanity_report(micro_world, checkpoint, tmp_path):

@@ -1,9 +1,12 @@
 """Atomic, resumable artifact I/O shared by every stage.
 
 Every artifact directory is written under a temporary sibling name and renamed
-into place only when complete, then marked by a ``COMPLETE`` file holding its
-manifest hash. A directory without that marker is a partial write from a
-killed run and is never mistaken for a finished artifact.
+into place only when complete, then marked by a ``COMPLETE`` file: its content
+hash and every file's size and sha256 (:func:`write_marker`). A directory
+without that marker is a partial write from a killed run and is never mistaken
+for a finished artifact; :func:`check_complete` also checks that every recorded
+file is there with its recorded size (cheap, always), :func:`verify_complete`
+re-hashes the content and names the file that changed.
 """
 
 from __future__ import annotations
@@ -71,6 +74,48 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, dumps_json(obj))
 
 
+def atomic_write_checked(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` and, beside it, ``<name>.sha256`` with its size and hash.
+
+    :func:`read_checked` refuses the file unless both agree, so a truncated or
+    overwritten cache file is never read as if it were what was written.
+    """
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    atomic_write_text(path.with_name(path.name + ".sha256"), f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
+
+
+def read_checked(path: str | os.PathLike) -> bytes:
+    """The bytes written by :func:`atomic_write_checked`; :class:`ArtifactError` if they changed."""
+    path = Path(path)
+    data = path.read_bytes()
+    side = path.with_name(path.name + ".sha256")
+    try:
+        size, digest = side.read_text().split()
+    except (OSError, ValueError):
+        raise ArtifactError(f"{str(path)!r} has no valid checksum file {side.name!r} (a killed write?).") from None
+    if int(size) != len(data) or digest != hashlib.sha256(data).hexdigest():
+        raise ArtifactError(
+            f"{str(path)!r} is damaged: it has {len(data)} bytes and another hash than the "
+            f"{size} bytes recorded in {side.name!r} when it was written."
+        )
+    return data
+
+
+def atomic_write_json_checked(path: str | os.PathLike, obj: Any) -> None:
+    """JSON holding ``obj`` and the sha256 of its canonical form (see :func:`read_json_checked`)."""
+    atomic_write_json(path, {"data": obj, "sha256": hashlib.sha256(dumps_json(obj).encode()).hexdigest()})
+
+
+def read_json_checked(path: str | os.PathLike) -> Any:
+    found = read_json(path)
+    if not isinstance(found, dict) or set(found) != {"data", "sha256"} or (
+        hashlib.sha256(dumps_json(found["data"]).encode()).hexdigest() != found["sha256"]
+    ):
+        raise ArtifactError(f"{str(path)!r} does not match its recorded checksum: it was edited or damaged.")
+    return found["data"]
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
@@ -119,19 +164,50 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_dir(path: str | os.PathLike, exclude: Iterable[str] = (COMPLETE_MARKER,)) -> str:
-    """Hash of every file's relative name and content, in sorted order."""
-    path = Path(path)
+def _file_digests(path: Path, exclude: Iterable[str]) -> dict[str, dict]:
     excluded = set(exclude)
-    h = hashlib.sha256()
+    out = {}
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
-        if rel in excluded:
-            continue
+        if rel not in excluded:
+            out[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    return out
+
+
+def _combine(digests: dict[str, dict]) -> str:
+    h = hashlib.sha256()
+    for rel, digest in digests.items():
         h.update(rel.encode())
         h.update(b"\0")
-        h.update(sha256_file(f).encode())
+        h.update(digest["sha256"].encode())
     return h.hexdigest()
+
+
+def sha256_dir(path: str | os.PathLike, exclude: Iterable[str] = (COMPLETE_MARKER,)) -> str:
+    """Hash of every file's relative name and content, in sorted order."""
+    return _combine(_file_digests(Path(path), exclude))
+
+
+def write_marker(path: str | os.PathLike) -> str:
+    """Mark a finished artifact directory: its content hash and each file's size and sha256."""
+    path = Path(path)
+    digests = _file_digests(path, (COMPLETE_MARKER,))
+    content_hash = _combine(digests)
+    atomic_write_json(path / COMPLETE_MARKER, {"content_hash": content_hash, "files": digests, "format": 2})
+    return content_hash
+
+
+def read_marker(path: str | os.PathLike) -> dict:
+    """The ``COMPLETE`` marker of ``path``; an old marker (a bare hash) has ``files: None``."""
+    marker = Path(path) / COMPLETE_MARKER
+    text = marker.read_text(encoding="utf-8").strip()
+    if not text.startswith("{"):
+        return {"content_hash": text, "files": None}
+    try:
+        found = json.loads(text)
+        return {"content_hash": found["content_hash"], "files": found["files"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{str(marker)!r} is not a valid completion marker ({exc}).") from exc
 
 
 def config_hash(obj: Any, length: int = 16) -> str:
@@ -145,7 +221,8 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 
 def check_complete(path: str | os.PathLike, what: str, rebuild_hint: str) -> Path:
-    """Return ``path`` if it is a finished artifact, else raise a clear error."""
+    """Return ``path`` if it is a finished artifact whose files all have their recorded
+    sizes (no content is read), else raise a clear error."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{what} {str(path)!r} does not exist. {rebuild_hint}")
@@ -154,14 +231,32 @@ def check_complete(path: str | os.PathLike, what: str, rebuild_hint: str) -> Pat
             f"{what} {str(path)!r} is incomplete (no {COMPLETE_MARKER} marker): it was "
             f"left by a killed or failed run. Delete it and rebuild. {rebuild_hint}"
         )
+    files = read_marker(path)["files"]
+    for rel, digest in (files or {}).items():
+        f = path / rel
+        size = f.stat().st_size if f.is_file() else None
+        if size != digest["size"]:
+            found = "is missing" if size is None else f"has {size} bytes, not the {digest['size']} recorded when it was written"
+            raise ArtifactError(
+                f"{what} {str(path)!r} is damaged: {rel} {found}. {rebuild_hint}".strip()
+            )
     return path
 
 
 def verify_complete(path: str | os.PathLike, what: str, rebuild_hint: str) -> Path:
     """Like :func:`check_complete`, and also re-hash the content against the marker."""
     path = check_complete(path, what, rebuild_hint)
-    expected = (path / COMPLETE_MARKER).read_text().strip()
-    actual = sha256_dir(path)
+    marker = read_marker(path)
+    if marker["files"] is not None:
+        # Files added later (an editor's backup, a lock) are not read, so they do not count.
+        for rel, digest in marker["files"].items():
+            if sha256_file(path / rel) != digest["sha256"]:
+                raise ArtifactError(
+                    f"{what} {str(path)!r} is corrupted: {rel} has changed since it was written "
+                    f"(its sha256 differs). {rebuild_hint}".strip()
+                )
+        return path
+    expected, actual = marker["content_hash"], sha256_dir(path)
     if expected != actual:
         raise ArtifactError(
             f"{what} {str(path)!r} is corrupted: its content hash {actual[:12]} does not "
@@ -208,7 +303,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        atomic_write_text(tmp / COMPLETE_MARKER, sha256_dir(tmp) + "\n")
+        write_marker(tmp)
         if final.exists() and not is_complete(final):
             shutil.rmtree(final)
         try:

@@ -12,6 +12,8 @@ mode each per-parameter block is damped with its own mean eigenvalue.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import config_hash
+from ..io import ArtifactError, atomic_write_checked, config_hash, read_checked
+
+log = logging.getLogger("trackstar")
 
 
 class CurvatureError(ValueError):
@@ -149,7 +153,8 @@ class CurvatureCache:
     streams each store once, and methods with the same R (exp1 and TRAK, both
     on R_train of the un-corrected features) share one eigendecomposition.
     Files are written to a temporary name and renamed, so a killed run leaves
-    no half file; ``directory=None`` caches nothing.
+    no half file, each with a checksum beside it: a damaged file is recomputed
+    (with a warning), never used; ``directory=None`` caches nothing.
     """
 
     def __init__(self, directory: str | os.PathLike | None):
@@ -159,17 +164,21 @@ class CurvatureCache:
         return self.dir / f"{kind}-{key}.pt" if self.dir is not None else None
 
     def _load(self, path: Path | None):
+        """The cached value, or None when absent or damaged (it is then recomputed)."""
         if path is None or not path.is_file():
             return None
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(io.BytesIO(read_checked(path)), weights_only=True)
+        except (ArtifactError, RuntimeError, EOFError) as exc:
+            log.warning("recomputing %s: %s", path.name, exc)
+            return None
 
     def _save(self, path: Path | None, value) -> None:
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(value, tmp)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        atomic_write_checked(path, buffer.getvalue())
 
     def second_moment(self, store, blocks: list[slice], chunk_rows: int) -> tuple[str, Callable[[], list[torch.Tensor]]]:
         """(key, loader) of the mean outer product of ``store``'s rows; computed on first load."""

@@ -8,18 +8,27 @@ Layout of a store directory:
 * ``features.npy``: ``np.lib.format.open_memmap`` array, filled chunk by chunk.
   bfloat16 rows are stored as their raw uint16 bit patterns (numpy has no
   bfloat16) and widened to float32 on read.
-* ``progress.json``: ``rows_done``, rewritten atomically only after a chunk
-  has been flushed to disk, so a killed run resumes from the last finished
-  chunk and never trusts a half-written one.
-* ``COMPLETE``: written last (see :mod:`trackstar.io`).
+* ``progress.json``: ``rows_done`` and a CRC-32 of each written chunk's bytes,
+  rewritten atomically only after the chunk has been flushed to disk, so a
+  killed run resumes from the last finished chunk and never trusts a
+  half-written one.
+* ``COMPLETE``: written last, with each file's size and hash (see :mod:`trackstar.io`).
 
-Opening or resuming a store whose metadata differs from the expected settings
-raises :class:`~trackstar.io.ArtifactError` naming the file and the setting.
+Integrity: opening a store checks that ``features.npy`` has exactly the size
+its header and row count imply (never growing or rewriting a file it did not
+just create), and every read checks each chunk's CRC as the chunk streams by,
+so a truncated, zeroed or overwritten store is an error naming the file, never
+a silent score against the wrong rows. Opening or resuming a store whose
+metadata differs from the expected settings raises
+:class:`~trackstar.io.ArtifactError` naming the file and the setting.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import shutil
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +39,14 @@ from ..io import (
     COMPLETE_MARKER,
     ArtifactError,
     atomic_write_json,
-    atomic_write_text,
+    check_complete,
     is_complete,
     read_json,
-    sha256_dir,
+    write_marker,
 )
+
+log = logging.getLogger("trackstar")
+REBUILD_HINT = "Feature stores are a cache: deleting the directory makes the next run rebuild it."
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
@@ -83,14 +95,39 @@ def from_storage(x: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
+def _crc(block: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1))
+
+
+def _expected_bytes(path: Path, meta: dict) -> tuple[int, str | None]:
+    """(size ``features.npy`` must have, a reason it cannot be used or None)."""
+    dtype = np.dtype(_NUMPY_DTYPES[meta["dtype"]])
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return 0, f"its .npy format version {version} is not one this suite writes"
+            shape, _, found = read_header(fh)
+            header = fh.tell()
+    except (OSError, ValueError) as exc:
+        return 0, f"its header cannot be read ({exc})"
+    if tuple(shape) != (meta["n_rows"], meta["d"]) or found != dtype:
+        return 0, f"it holds {found} {tuple(shape)}, not {dtype} {(meta['n_rows'], meta['d'])}"
+    return header + meta["n_rows"] * meta["d"] * dtype.itemsize, None
+
+
 class FeatureStore:
     """A store directory; create with :meth:`create` and read with :meth:`open`."""
 
-    def __init__(self, path: Path, meta: dict, array: np.ndarray, rows_done: int):
+    def __init__(self, path: Path, meta: dict, array: np.ndarray, rows_done: int, chunks: list):
         self.path = path
         self.meta = meta
         self.array = array
         self.rows_done = rows_done
+        self.chunk_crcs = [tuple(c) for c in chunks]  # (start, stop, crc32), in row order
+        self._verified: set[int] = set()
 
     @property
     def n_rows(self) -> int:
@@ -116,33 +153,84 @@ class FeatureStore:
         return [(b["name"], slice(b["offset"], b["offset"] + b["p_left"] * b["p_right"]))
                 for b in self.meta["layout"]]
 
+    @staticmethod
+    def _size_problem(path: Path, meta: dict) -> str | None:
+        features = path / "features.npy"
+        if not features.is_file():
+            return "features.npy is missing"
+        expected, reason = _expected_bytes(features, meta)
+        if reason is not None:
+            return f"features.npy is not this store's array: {reason}"
+        size = features.stat().st_size
+        if size != expected:
+            return f"features.npy has {size} bytes, not the {expected} its {meta['n_rows']} rows need (truncated or overwritten)"
+        return None
+
     @classmethod
     def create(cls, path, meta: dict) -> "FeatureStore":
-        """Start a new store, or resume a partial one made under the same settings."""
+        """Start a new store, resume a partial one made under the same settings, or
+        return the finished one.
+
+        A partial store that fails its checks (wrong size, a chunk whose CRC does
+        not match) is started over from its last good chunk, with a warning: it
+        holds nothing that is not recomputed. A finished store that fails its
+        size check is rebuilt the same way; it is a cache of a deterministic
+        computation.
+        """
         path = Path(path)
         meta = dict(meta, format=1, n_rows=len(meta["row_ids"]))
         meta_file = path / "meta.json"
         if meta_file.exists():
-            compare_meta(read_json(meta_file), meta, meta_file)
             found = read_json(meta_file)
-            progress_file = path / "progress.json"
-            features = path / "features.npy"
-            if progress_file.exists() and features.exists():
-                rows_done = int(read_json(progress_file)["rows_done"])
-                array = np.load(features, mmap_mode="r+")
-                return cls(path, found, array, rows_done)
+            compare_meta(found, meta, meta_file)
+            if is_complete(path):
+                try:
+                    return cls.open(path, meta)
+                except ArtifactError as exc:
+                    log.warning("rebuilding damaged feature store: %s", exc)
+                    shutil.rmtree(path)
+            else:
+                resumed = cls._resume(path, found)
+                if resumed is not None:
+                    return resumed
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta_file, meta)
         array = np.lib.format.open_memmap(
             path / "features.npy", mode="w+", dtype=_NUMPY_DTYPES[meta["dtype"]],
             shape=(meta["n_rows"], meta["d"]),
         )
-        atomic_write_json(path / "progress.json", {"rows_done": 0})
-        return cls(path, meta, array, 0)
+        atomic_write_json(path / "progress.json", {"rows_done": 0, "chunks": []})
+        return cls(path, meta, array, 0, [])
+
+    @classmethod
+    def _resume(cls, path: Path, meta: dict) -> "FeatureStore | None":
+        progress_file = path / "progress.json"
+        if not progress_file.exists():
+            return None
+        problem = cls._size_problem(path, meta)
+        progress = read_json(progress_file)
+        if problem is None and "chunks" not in progress:
+            problem = "progress.json records no chunk checksums (written by an older version)"
+        if problem is not None:
+            log.warning("starting partial feature store %s over: %s", path, problem)
+            return None
+        array = np.load(path / "features.npy", mmap_mode="r+")
+        good = []
+        for start, stop, crc in progress["chunks"]:
+            if _crc(array[start:stop]) != crc:
+                log.warning("feature store %s: rows %d-%d do not match their checksum; recomputing from row %d",
+                            path, start, stop, start)
+                break
+            good.append((start, stop, crc))
+        rows_done = good[-1][1] if good else 0
+        if rows_done != progress["rows_done"]:
+            atomic_write_json(progress_file, {"rows_done": rows_done, "chunks": good})
+        return cls(path, meta, array, rows_done, good)
 
     @classmethod
     def open(cls, path, expected: dict | None = None) -> "FeatureStore":
-        """Open a finished store read-only, checking ``expected`` settings if given."""
+        """Open a finished store read-only, checking ``expected`` settings if given,
+        every file's recorded size, and (as rows are read) every chunk's CRC."""
         path = Path(path)
         meta_file = path / "meta.json"
         if not is_complete(path):
@@ -150,13 +238,22 @@ class FeatureStore:
                 f"Feature store {str(path)!r} is missing or incomplete (no {COMPLETE_MARKER}); "
                 "re-run feature extraction with the same settings to finish it."
             )
+        check_complete(path, "Feature store", REBUILD_HINT)
         meta = read_json(meta_file)
         if expected is not None:
             compare_meta(meta, expected, meta_file)
+        problem = cls._size_problem(path, meta)
+        progress = read_json(path / "progress.json")
+        if problem is None and "chunks" not in progress:
+            problem = "it records no chunk checksums (written by an older version)"
+        if problem is None and progress["rows_done"] != meta["n_rows"]:
+            problem = f"progress.json records {progress['rows_done']} of {meta['n_rows']} rows"
+        if problem is not None:
+            raise ArtifactError(f"Feature store {str(path)!r} is damaged: {problem}. {REBUILD_HINT}")
         # Copy-on-write: reads are zero-copy torch views and nothing can
         # write back to the finished file.
         array = np.load(path / "features.npy", mmap_mode="c")
-        return cls(path, meta, array, meta["n_rows"])
+        return cls(path, meta, array, meta["n_rows"], progress["chunks"])
 
     def write(self, start: int, rows: torch.Tensor) -> None:
         """Write rows [start, start+len) and record them as done (crash-safe)."""
@@ -166,9 +263,12 @@ class FeatureStore:
                 f"row {self.rows_done}, got {start}."
             )
         stop = start + rows.shape[0]
-        self.array[start:stop] = to_storage(rows, self.dtype)
+        data = to_storage(rows, self.dtype)
+        self.array[start:stop] = data
         self.array.flush()
-        atomic_write_json(self.path / "progress.json", {"rows_done": stop})
+        self.chunk_crcs.append((start, stop, _crc(data)))
+        atomic_write_json(self.path / "progress.json",
+                          {"rows_done": stop, "chunks": [list(c) for c in self.chunk_crcs]})
         self.rows_done = stop
 
     def finish(self) -> None:
@@ -178,10 +278,23 @@ class FeatureStore:
                 "it cannot be marked complete."
             )
         self.array.flush()
-        atomic_write_text(self.path / COMPLETE_MARKER, sha256_dir(self.path) + "\n")
+        write_marker(self.path)
+
+    def _verify(self, start: int, stop: int) -> None:
+        """Check the CRC of every written chunk overlapping rows [start, stop), once each."""
+        for i, (c0, c1, crc) in enumerate(self.chunk_crcs):
+            if c1 <= start or c0 >= stop or i in self._verified:
+                continue
+            if _crc(self.array[c0:c1]) != crc:
+                raise ArtifactError(
+                    f"Feature store {str(self.path)!r} is corrupted: rows {c0}-{c1} of features.npy "
+                    f"do not match the checksum recorded when they were written. {REBUILD_HINT}"
+                )
+            self._verified.add(i)
 
     def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         stop = self.rows_done if stop is None else stop
+        self._verify(start, stop)
         return from_storage(self.array[start:stop], self.dtype)
 
     def chunks(self, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:

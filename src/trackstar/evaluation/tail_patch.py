@@ -7,15 +7,18 @@ exactly before the next proponent. A positive change means training on the
 proponent raises the target's probability.
 
 One step per *distinct* proponent serves every query that retrieved it: the
-step does not depend on the query, so all of them are measured after it in one
-batched forward pass. Across methods and queries the same passages recur, which
-makes tail-patch of every method's top 10 affordable on a laptop.
+step does not depend on the query, so all of them are measured after it (each
+query in a forward pass of its own, so that a cached value never depends on
+which queries were measured with it). Across methods and queries the same
+passages recur, which makes tail-patch of every method's top 10 affordable on
+a laptop.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
 import os
 from collections import defaultdict
@@ -29,11 +32,12 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from ..io import ArtifactError, atomic_write_json, read_json
+from ..io import ArtifactError, atomic_write_json_checked, read_json_checked
 from ..lm.data import context_length, lm_batch, lm_loss, pad_token_id, passage_ids
 from ..lm.evaluate import score_targets
 
 TAIL_PATCH_KS = (1, 3, 5, 10)
+log = logging.getLogger("trackstar")
 
 
 class _Snapshot:
@@ -117,24 +121,29 @@ class _AfterCache:
         return self.dir / f"{digest}.json"
 
     def load(self, pid: str, text: str) -> dict[str, float]:
-        if self.dir is None or not self._file(pid, text).is_file():
+        """The cached values of this proponent; a damaged file counts as empty (recomputed)."""
+        path = None if self.dir is None else self._file(pid, text)
+        if path is None or not path.is_file():
             return {}
-        return read_json(self._file(pid, text))
+        try:
+            return read_json_checked(path)
+        except ArtifactError as exc:
+            log.warning("tail-patch cache: recomputing %s (%s)", pid, exc)
+            return {}
 
     def add(self, pid: str, text: str, values: dict[str, float]) -> None:
         if self.dir is None:
             return
         path = self._file(pid, text)
         with FileLock(str(path) + ".lock"):
-            merged = {**(read_json(path) if path.is_file() else {}), **values}
-            atomic_write_json(path, merged)
+            merged = {**self.load(pid, text), **values}
+            atomic_write_json_checked(path, merged)
 
 
 def tail_patch(
     checkpoint,
     queries: Sequence[dict],
     proponents: Mapping[str, Sequence[tuple[str, str]]],
-    batch_size: int = 64,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
@@ -154,8 +163,14 @@ def tail_patch(
     if unknown:
         raise KeyError(f"tail_patch: proponents given for unknown query id(s) {unknown[:5]}")
 
-    before = dict(zip(by_id, (lp for lp, _ in score_targets(
-        model, tok, [q["prompt"] for q in by_id.values()], [q["target"] for q in by_id.values()], batch_size)), strict=True))
+    def measure(qids: Sequence[str]) -> list[float]:
+        # One query per forward pass: a value must not depend on which other
+        # queries share its batch (their padding changes the kernels' shapes and
+        # the last bits), or the cache would make it depend on the order runs came in.
+        return [lp for lp, _ in score_targets(model, tok, [by_id[q]["prompt"] for q in qids],
+                                              [by_id[q]["target"] for q in qids], batch_size=1)]
+
+    before = dict(zip(by_id, measure(list(by_id)), strict=True))
 
     # Who needs which proponent: one optimizer step per distinct passage.
     needed: dict[str, list[str]] = defaultdict(list)
@@ -195,8 +210,7 @@ def tail_patch(
             lm_loss(model, {k: v.to(device) for k, v in lm_batch([ids], pad_token_id(tok)).items()}).backward()
             optimizer.step()
             qids = todo[pid]
-            scores = score_targets(model, tok, [by_id[q]["prompt"] for q in qids], [by_id[q]["target"] for q in qids], batch_size)
-            for q, (lp, _) in zip(qids, scores, strict=True):
+            for q, lp in zip(qids, measure(qids), strict=True):
                 after[(q, pid)] = lp
             cache.add(pid, texts[pid], {cache.query_key(by_id[q]): after[(q, pid)] for q in qids})
             snap.restore()

@@ -9,12 +9,26 @@ instead of building the same artifact twice or corrupting it.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
 
-from ..io import atomic_directory, atomic_write_json, config_hash, is_complete, read_json, read_jsonl, write_jsonl
+from ..io import (
+    ArtifactError,
+    atomic_directory,
+    atomic_write_json,
+    config_hash,
+    is_complete,
+    read_json,
+    read_jsonl,
+    verify_complete,
+    write_jsonl,
+)
+
+log = logging.getLogger("trackstar")
 
 
 @contextmanager
@@ -59,13 +73,15 @@ def build_world_stage(artifacts: Path, world_cfg) -> Path:
         return build_world(path, world_cfg.profile, world_cfg.seed)
 
 
-def pretrain_stage(artifacts: Path, world: Path, model_cfg, progress: bool = True) -> Path:
-    """The pretrained run directory (trained now if missing, resumed if killed)."""
+def pretrain_stage(artifacts: Path, world: Path, model_cfg, progress: bool = True, threads: int | None = None) -> Path:
+    """The pretrained run directory (trained now if missing, resumed if killed), trained
+    with ``threads`` whatever the job's own thread count (see :mod:`trackstar.runtime`)."""
     from ..lm.pretrain import pretrain_model
+    from ..runtime import compute_stage
 
     config = pretrain_config(model_cfg)
     out = model_dir(artifacts, world, config)
-    with stage_lock(artifacts, f"model-{out.parent.name}-{out.name}"):
+    with stage_lock(artifacts, f"model-{out.parent.name}-{out.name}"), compute_stage(artifacts, threads):
         pretrain_model(world, out, config, progress=progress)
     return out
 
@@ -97,11 +113,25 @@ def retrieval_key(world_manifest: dict, checkpoint_id: str | None, retriever_key
     )
 
 
+def _usable(path: Path, what: str) -> bool:
+    """Whether the cached directory ``path`` is finished and intact; a damaged one is
+    removed (with a warning) so that the caller recomputes it. Call under its lock."""
+    if not is_complete(path):
+        return False
+    try:
+        verify_complete(path, what, "")
+    except ArtifactError as exc:
+        log.warning("recomputing: %s", exc)
+        shutil.rmtree(path)
+        return False
+    return True
+
+
 def retrieval_stage(artifacts: Path, key: str, compute) -> tuple[list[dict], dict]:
     """Cached retrieval records (release schema) and their info, computed once per key."""
     path = Path(artifacts) / "retrievals" / key
     with stage_lock(artifacts, f"retrieval-{key}"):
-        if is_complete(path):
+        if _usable(path, "retrieval cache"):
             return read_jsonl(path / "retrievals.jsonl"), read_json(path / "info.json")
         records, info = compute()
         with atomic_directory(path) as tmp:  # replaces anything incomplete left by a kill

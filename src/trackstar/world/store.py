@@ -12,7 +12,9 @@ Layout of a world directory (release schemas, SPEC §2.1)::
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -34,6 +36,8 @@ from ..io import (
 from .generate import GENERATOR_VERSION, N_BUCKETS, fact_record, generate_world
 from .profiles import get_profile
 from .schema import validate_records
+
+log = logging.getLogger("trackstar")
 
 MANIFEST = "manifest.json"
 FACTS_FILE = "trex_facts.jsonl"
@@ -127,7 +131,13 @@ def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0
                 f"seed={manifest.get('seed')!r}, not profile={profile!r} seed={seed!r}. "
                 "Choose another output path or delete it."
             )
-        return out_dir
+        try:
+            verify_complete(out_dir, "World directory", "")
+            return out_dir
+        except ArtifactError as exc:
+            # A generated world is a function of (profile, seed): rebuilding it is safe.
+            log.warning("%s; rebuilding it", exc)
+            shutil.rmtree(out_dir)
     world = generate_world(prof, seed)
     with atomic_directory(out_dir) as tmp:
         write_world(world, tmp)
