@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from .experiment.stages import model_dir, pretrain_config, world_dir
+from .experiment.stages import model_dir, pretrain_config, stage_lock, world_dir
+from .errors import debug_requested, describe_error
 from .io import ArtifactError, read_json
+from .runtime import compute_stage
 
 
 def _artifacts_root(value: str | None) -> Path:
@@ -66,7 +68,10 @@ def cmd_pretrain(args, world: Path | None = None) -> Path:
     config = _pretrain_config(args)
     out = Path(args.out) if getattr(args, "out", None) else model_dir(_artifacts_root(args.artifacts), world, config)
     t0 = time.perf_counter()
-    pretrain_model(world, out, config)
+    root = _artifacts_root(args.artifacts)
+    # The same lock and thread count as a sweep job's pretraining stage.
+    with stage_lock(root, f"model-{out.parent.name}-{out.name}"), compute_stage(root):
+        pretrain_model(world, out, config)
     summary = read_json(out / "pretrain.json")
     print(
         f"model {config.family}-{config.size} ({summary['n_parameters']:,} parameters, "
@@ -167,6 +172,9 @@ def cmd_score(args) -> None:
         world = load_world(args.world)
     for path in args.files:
         records = read_jsonl(path)
+        if not records:
+            raise ArtifactError(f"{path!r} holds no retrieval records (it is empty). Give a JSONL file with "
+                                "one release-schema record per query.")
         if world is not None:
             from .retrieval import label_retrievals
 
@@ -185,8 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .world import PROFILES
 
     parser = argparse.ArgumentParser(prog="trackstar", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", help="artifact root (default $TRACKSTAR_ARTIFACTS or ./artifacts)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+    def global_args(p, default) -> None:
+        p.add_argument("--artifacts", default=default(None), help="artifact root (default $TRACKSTAR_ARTIFACTS or ./artifacts)")
+        p.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log progress details")
+        p.add_argument("--debug", action="store_true", default=default(False),
+                       help="show the full traceback of an error (also TRACKSTAR_DEBUG=1)")
+
+    global_args(parser, lambda value: value)
+    # The same options after the subcommand (trackstar world --artifacts DIR); SUPPRESS
+    # keeps a value given before it when they are not repeated.
+    common = argparse.ArgumentParser(add_help=False)
+    global_args(common, lambda value: argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def world_args(p, profile_default: str) -> None:
@@ -200,18 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model-seed", type=int, default=0, help="model initialization and data-order seed")
         p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
 
-    p = sub.add_parser("world", help="build (or reuse) an embedded fact world")
+    p = sub.add_parser("world", parents=[common], help="build (or reuse) an embedded fact world")
     world_args(p, "tiny")
     p.add_argument("--out", help="output directory (default ARTIFACTS/worlds/PROFILE-sSEED)")
     p.set_defaults(func=cmd_world)
 
-    p = sub.add_parser("pretrain", help="pretrain (or resume) one of our LMs on a world's corpus")
+    p = sub.add_parser("pretrain", parents=[common], help="pretrain (or resume) one of our LMs on a world's corpus")
     p.add_argument("--world", required=True, help="a built world directory")
     model_args(p, "tiny")
     p.add_argument("--out", help="output directory (default under ARTIFACTS/models/)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("quick", help="the quick reproduction of every table: world, model, all sweeps, paper tables")
+    p = sub.add_parser("quick", parents=[common], help="the quick reproduction of every table: world, model, all sweeps, paper tables")
     world_args(p, "tiny")
     model_args(p, "tiny")
     p.add_argument("--tables", default="all", help="comma-separated subset of the sweeps in sweeps/ (default: all)")
@@ -220,17 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every job, e.g. logger=none method.d=256")
     p.set_defaults(func=cmd_quick)
 
-    p = sub.add_parser("run", help="one table cell (method x corpus) with Hydra-style overrides, as trackstar-run")
+    p = sub.add_parser("run", parents=[common], help="one table cell (method x corpus) with Hydra-style overrides, as trackstar-run")
     p.add_argument("override", nargs="*", help="config overrides, e.g. method=bm25 eval=open world=micro model=micro")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("score", help="MRR / recall@10 / precision@10 of release-schema retrieval files")
+    p = sub.add_parser("score", parents=[common], help="MRR / recall@10 / precision@10 of release-schema retrieval files")
     p.add_argument("files", nargs="+", help="retrieval JSONL files (ours, or the paper's release)")
     p.add_argument("--world", help="label proponents against this world (for files without correctness labels)")
     p.add_argument("--corpus", default="closed", choices=["closed", "open"], help="which corpus the proponents come from")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("sanity", help="top proponents of frequent facts per method; gold vs random tail-patch")
+    p = sub.add_parser("sanity", parents=[common], help="top proponents of frequent facts per method; gold vs random tail-patch")
     world_args(p, "tiny")
     model_args(p, "tiny")
     p.add_argument("--facts", type=int, default=4, help="how many frequent facts to show")
@@ -244,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, KeyError, ArtifactError) as exc:
-        print(f"trackstar {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - one clear line; the traceback on request
+        if args.debug or debug_requested():
+            raise
+        print(f"trackstar {args.command}: error: {describe_error(exc)}", file=sys.stderr)
+        print("  (--debug or TRACKSTAR_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -73,7 +73,7 @@ def valid_dims(sites: list[Site], near: int, count: int = 3) -> list[int]:
     """Some d values near ``near`` that the split rule accepts."""
     n = len(sites)
     found = []
-    for delta in range(0, min(near, 64 * n) + 1):
+    for delta in range(0, max(near, 64 * n) + 1):
         for d in {near - delta, near + delta}:
             if d > 0 and d % n == 0 and all(_factor(d // n, *s.shape) for s in sites):
                 found.append(d)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..io import config_hash, read_jsonl, sha256_file, write_jsonl
+from ..io import ArtifactError, config_hash, ensure_writable_dir, read_jsonl, sha256_file, write_jsonl
 from . import record as rec
 from .record import MethodInfo, RunRecord
 from .schema import register as register_schema
@@ -29,6 +29,7 @@ from .stages import (
     build_world_stage,
     checkpoint_path,
     features_dir,
+    pretrain_config,
     pretrain_stage,
     retrieval_key,
     retrieval_stage,
@@ -38,7 +39,7 @@ from .stages import (
 log = logging.getLogger("trackstar")
 
 #: Keys that do not change a run's results (left out of its identity).
-RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table")
+RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table", "stage_threads")
 
 
 class ConfigError(ValueError):
@@ -91,6 +92,7 @@ def validate(cfg: DictConfig):
     from ..lm.models import check_family, check_size
     from ..lm.optim import check_optimizer
     from ..retrieval import get_retriever, retriever_class
+    from ..runtime import stage_threads
     from ..world import get_profile
     from ..world.store import check_seed
     from .tracking import resolve_mode
@@ -110,12 +112,36 @@ def validate(cfg: DictConfig):
         method = OmegaConf.to_container(cfg.method, resolve=True)
         retriever = get_retriever(cfg.method.name, method_options(method, retriever_class(cfg.method.name).family),
                                   cfg.eval.corpus)
+        n = cfg.eval.n_queries
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"eval.n_queries={n!r}: give a positive number of queries, or null for all of them.")
+        if retriever.family == "gradient" or cfg.model.hf_name_or_path:  # a Hugging Face model must load for any method
+            retriever.check_model(_skeleton(cfg.model))
         if cfg.eval.k < max(cfg.eval.tail_patch_ks, default=1):
             raise ValueError(f"eval.k={cfg.eval.k} is smaller than max(eval.tail_patch_ks)={max(cfg.eval.tail_patch_ks)}; raise k.")
         resolve_mode(cfg.logger.mode)
+        stage_threads(cfg.stage_threads)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return retriever
+
+
+def _skeleton(model_cfg):
+    """The configured model's architecture on the meta device (no weights, no training)."""
+    from ..lm.models import hf_skeleton, model_skeleton
+
+    if model_cfg.hf_name_or_path:
+        name = str(model_cfg.hf_name_or_path)
+        looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1  # a hub name is owner/model
+        if looks_local and not Path(name).expanduser().exists():
+            raise ValueError(f"model.hf_name_or_path={name!r}: no such directory. Give a saved model's "
+                             "directory or a Hugging Face hub name (owner/model).")
+        try:
+            return hf_skeleton(model_cfg.hf_name_or_path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model.hf_name_or_path={model_cfg.hf_name_or_path!r} cannot be loaded: {exc}") from None
+    preset = pretrain_config(model_cfg)
+    return model_skeleton(preset.family, preset.size, preset.vocab_size, preset.context_length)
 
 
 def _stage_dir_name(checkpoint_id: str) -> str:
@@ -130,8 +156,14 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
     from ..retrieval import RetrievalTask, run
     from ..world import load_world
 
+    from ..runtime import compute_stage
+
     artifacts = Path(cfg.artifacts_dir)
     timings = record.timings
+
+    def numeric():
+        return compute_stage(artifacts, cfg.stage_threads)
+
     t = time.perf_counter()
     world_path = build_world_stage(artifacts, cfg.world)
     world = load_world(world_path)
@@ -141,16 +173,21 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
     if cfg.model.hf_name_or_path:
         checkpoint = load_hf_causal_lm(cfg.model.hf_name_or_path)
         ckpt_path, ckpt_id = None, f"hf:{cfg.model.hf_name_or_path}"
-        query_eval = evaluate_queries(checkpoint.model, checkpoint.tokenizer, world.queries)
+        with numeric():
+            query_eval = evaluate_queries(checkpoint.model, checkpoint.tokenizer, world.queries)
     else:
-        model_run = pretrain_stage(artifacts, world_path, cfg.model, progress=cfg.progress)
+        model_run = pretrain_stage(artifacts, world_path, cfg.model, progress=cfg.progress, threads=cfg.stage_threads)
         ckpt_path = checkpoint_path(model_run, cfg.model.checkpoint)
         checkpoint = load_checkpoint(ckpt_path)
         ckpt_id = f"{model_run.name}/{ckpt_path.name}"
         query_eval = read_jsonl(ckpt_path / "query_eval.jsonl")
     timings["model"] = time.perf_counter() - t
 
-    queries = world.queries[: cfg.eval.n_queries] if cfg.eval.n_queries else world.queries
+    n = cfg.eval.n_queries
+    if n is not None and n > len(world.queries):
+        raise ConfigError(f"eval.n_queries={n}, but the world {world_path.name} has {len(world.queries)} queries; "
+                          "lower it, or use null for all of them.")
+    queries = world.queries if n is None else world.queries[:n]
     gradient = retriever.family == "gradient"
     key = retrieval_key(world.manifest, ckpt_id if gradient else None, retriever.cache_key(), cfg.eval.corpus,
                         cfg.eval.k, cfg.eval.n_queries)
@@ -160,10 +197,11 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
 
     def compute():
         if not gradient:
-            return run(retriever, task)
+            with numeric():
+                return run(retriever, task)
         # Gradient rows of one checkpoint and corpus share feature stores and
         # curvature (e.g. exp2 and exp4); parallel jobs take turns writing them.
-        with stage_lock(artifacts, f"features-{features.parent.name}-{features.name}"):
+        with stage_lock(artifacts, f"features-{features.parent.name}-{features.name}"), numeric():
             return run(retriever, task)
 
     t = time.perf_counter()
@@ -174,11 +212,12 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
     can_patch = cfg.eval.tail_patch and checkpoint.optimizer is not None
     if cfg.eval.tail_patch and not can_patch:
         log.warning("tail-patch skipped: %s has no optimizer state", ckpt_id)
-    per_query = evaluate(
-        retrievals, checkpoint if can_patch else None, query_eval,
-        tuple(cfg.eval.tail_patch_ks) if can_patch else (), progress=cfg.progress,
-        cache_dir=artifacts / "tailpatch" / _stage_dir_name(ckpt_id),
-    )
+    with numeric():
+        per_query = evaluate(
+            retrievals, checkpoint if can_patch else None, query_eval,
+            tuple(cfg.eval.tail_patch_ks) if can_patch else (), progress=cfg.progress,
+            cache_dir=artifacts / "tailpatch" / _stage_dir_name(ckpt_id),
+        )
     timings["evaluation"] = time.perf_counter() - t
 
     record.metrics, record.splits = metric_summary(
@@ -211,7 +250,11 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool 
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     retriever = validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ensure_writable_dir(cfg.artifacts_dir, "artifacts_dir")
+        ensure_writable_dir(run_dir, "The run directory (under results_dir)")
+    except ArtifactError as exc:
+        raise ConfigError(str(exc)) from None
     cid = config_id(cfg)
     done = None if cfg.force else rec.finished_record(run_dir, cid)
     if done is not None:
@@ -219,35 +262,43 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool 
         print(f"[skip] {run_dir} is finished")
         return done
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    rec.write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    if not (run_dir / rec.METRICS_FILE).is_file():
+        rec.write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
     record = RunRecord(
         config_id=cid, table=cfg.table, corpus=cfg.eval.corpus,
         method=MethodInfo(retriever.name, retriever.label, retriever.family, retriever.rank, retriever.settings),
         world=resolved["world"], model=resolved["model"], eval=resolved["eval"],
         git_commit=rec.git_commit(Path(__file__).parent), started=rec.now(), run_dir=str(run_dir),
     )
+    attempt = rec.attempt_name(record)
+    kept = rec.finished_record(run_dir, cid)  # a force=true re-run must not lose it if it fails
     t0 = time.perf_counter()
     retrievals, per_query = [], None
     try:
         retrievals, per_query = execute(cfg, retriever, record)
         rec.write_per_query(run_dir, per_query)
         write_jsonl(run_dir / rec.RETRIEVALS_FILE, retrievals)
+        rec.write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
         record.status = "finished"
     except Exception as exc:  # noqa: BLE001 - recorded, then re-raised outside multirun
         record.status, record.error, record.traceback = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
-        log.error("run failed: %s", record.error)
+        if multirun:  # otherwise the caller reports the exception
+            log.error("run failed: %s", record.error)
+        if kept is not None:
+            log.warning("the finished record of %s is kept in %s; this attempt is in %s/", kept.finished,
+                        run_dir / rec.METRICS_FILE, run_dir / rec.ATTEMPTS_DIR)
         if not multirun:
             record.finished = rec.now()
-            rec.write_record(run_dir, record)
+            rec.write_record(run_dir, record, attempt)
             raise
     record.finished = rec.now()
     record.timings["total"] = time.perf_counter() - t0
-    rec.write_record(run_dir, record)
+    rec.write_record(run_dir, record, attempt)
     record.wandb = log_to_wandb(
         run_dir, resolved, record, retrievals, per_query, cfg.logger, group=wandb_group or cfg.table,
         tags=[cfg.table, cfg.method.name, cfg.eval.corpus], name=run_dir.name,
     )
-    rec.write_record(run_dir, record)
+    rec.write_record(run_dir, record, attempt)
     headline = ("mrr", "recall@10", f"tail_patch@{max(cfg.eval.tail_patch_ks, default=10)}")
     summary = ", ".join(f"{m}={record.metrics[m]['mean']:.3f}" for m in headline if m in record.metrics)
     print(f"[{record.status}] {run_dir} {summary or record.error or ''}")

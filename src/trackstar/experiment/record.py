@@ -7,6 +7,12 @@ A run directory holds::
                        interval, splits, timings, artifacts, git commit, error)
     retrievals.jsonl   the retrieval records (release schema)
     per_query.csv      every per-query metric, for re-aggregation
+    attempts/          one record per attempt (finished or failed), kept
+
+``metrics.json`` always holds the last *finished* record once there is one: a
+later attempt that fails (a ``force=true`` re-run, say) is kept in
+``attempts/`` and does not replace it, and a new finished record replaces it
+only after its retrievals and per-query metrics are written.
 
 The record carries everything a reader needs to place a run in a table: the
 method's label, its row rank and its resolved settings, written by the run
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import subprocess
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 RETRIEVALS_FILE = "retrievals.jsonl"
 PER_QUERY_FILE = "per_query.csv"
+ATTEMPTS_DIR = "attempts"
 #: Where :meth:`RunRecord.header` goes in a W&B run's config.
 WANDB_CONFIG_KEY = "run_record"
 STATS = ("mean", "ci_low", "ci_high", "n")
@@ -103,6 +111,10 @@ class RunRecord:
             raise RecordSchemaError(f"{source} lacks {missing}; it is not a complete run record.")
         values = {k: v for k, v in data.items() if k in names}
         values["method"] = MethodInfo(**data["method"])
+        _check_numbers(values.get("metrics") or {}, source, "metrics")
+        for split, groups in (values.get("splits") or {}).items():
+            for group, metrics in groups.items():
+                _check_numbers(metrics, source, f"splits.{split}.{group}")
         return cls(**values)
 
     def header(self) -> dict:
@@ -183,6 +195,18 @@ def unflatten_metrics(flat: dict) -> tuple[dict, dict]:
     return metrics, splits
 
 
+def _check_numbers(metrics: dict, source: str, where: str) -> None:
+    for name, stats in metrics.items():
+        if not isinstance(stats, dict):
+            raise RecordSchemaError(f"{source}: {where}.{name} is {stats!r}, not a table of statistics {STATS}.")
+        for stat, value in stats.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise RecordSchemaError(
+                    f"{source}: {where}.{name}.{stat} is {value!r}, not a number. The record was edited or "
+                    "damaged; re-run its job with force=true, or restore the record from attempts/."
+                )
+
+
 # --- run directories -----------------------------------------------------------------------
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -215,10 +239,36 @@ def finished_record(run_dir: Path, config_id: str) -> RunRecord | None:
     return record if record.status == "finished" and record.config_id == config_id else None
 
 
-def write_record(run_dir: Path, record: RunRecord) -> Path:
-    path = Path(run_dir) / METRICS_FILE
-    atomic_write_json(path, record.to_dict())
-    return path
+def attempt_name(record: RunRecord) -> str:
+    """A new attempt's file name: when it started, then a random suffix."""
+    stamp = "".join(c for c in record.started.split("+")[0] if c.isalnum())
+    return f"{stamp}-{uuid.uuid4().hex[:8]}.json"
+
+
+def write_record(run_dir: Path, record: RunRecord, attempt: str | None = None) -> Path:
+    """Write ``record`` as its attempt's entry in ``attempts/`` (``attempt``, a name from
+    :func:`attempt_name`; a new one if None) and, unless it failed while a finished
+    record is there, as ``metrics.json``; returns the attempt's file."""
+    run_dir = Path(run_dir)
+    attempt = run_dir / ATTEMPTS_DIR / (attempt or attempt_name(record))
+    atomic_write_json(attempt, record.to_dict())
+    current = run_dir / METRICS_FILE
+    if record.status != "finished" and _holds_finished(current):
+        return attempt
+    atomic_write_json(current, record.to_dict())
+    return attempt
+
+
+def _holds_finished(path: Path) -> bool:
+    try:
+        return path.is_file() and read_json(path).get("status") == "finished"
+    except Exception:  # noqa: BLE001 - an unreadable record is not one to keep
+        return False
+
+
+def attempts(run_dir: Path) -> list[RunRecord]:
+    """Every attempt recorded in ``run_dir``, oldest first."""
+    return [read_record(p) for p in sorted((Path(run_dir) / ATTEMPTS_DIR).glob("*.json"))]
 
 
 def write_config(run_dir: Path, yaml_text: str) -> None:

@@ -18,7 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ..errors import debug_requested, describe_error
 from .cell import ConfigError, run_cell
+from .record import ATTEMPTS_DIR
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -27,10 +29,18 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     multirun = hc.mode == RunMode.MULTIRUN
     group = f"{cfg.table}:{Path(hc.sweep.dir).name}" if multirun else cfg.table
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        run_cell(cfg, Path(hc.runtime.output_dir), multirun=multirun, wandb_group=group)
+        run_cell(cfg, run_dir, multirun=multirun, wandb_group=group)
     except ConfigError as exc:
         raise SystemExit(f"trackstar-run: invalid config: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - one clear message; the record keeps the traceback
+        if debug_requested():
+            raise
+        attempts = run_dir / ATTEMPTS_DIR
+        where = (f"\n  this attempt's record, with the traceback, is in {attempts}/ (HYDRA_FULL_ERROR=1 shows it here)"
+                 if attempts.is_dir() else "")
+        raise SystemExit(f"trackstar-run: error: {describe_error(exc)}{where}") from None
 
 
 if __name__ == "__main__":

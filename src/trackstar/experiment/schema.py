@@ -84,6 +84,8 @@ class LoggerConf:
     entity: Optional[str] = None
     #: Per-query table rows logged to W&B (null: all queries).
     max_table_rows: Optional[int] = None
+    #: Seconds to wait for the W&B server before logging the run offline instead.
+    init_timeout: float = 20.0
 
 
 @dataclass
@@ -103,6 +105,10 @@ class TrackStarConfig:
     #: Re-run a job whose finished run record already exists.
     force: bool = False
     progress: bool = True
+    #: Threads of every numeric stage (pretraining, retrieval, tail-patch), whatever
+    #: the launcher gives a job, so results do not depend on it; null: all cores.
+    #: Stages run at most cores // stage_threads at a time (see trackstar.runtime).
+    stage_threads: Optional[int] = None
 
 
 def register() -> None:

@@ -3,7 +3,10 @@
 W&B is never the only copy: the run record is written first, and a W&B
 failure (not logged in, unreachable) becomes a warning in the record, not a
 lost result. Mode ``auto`` logs online when credentials exist and offline
-otherwise; offline runs sync later with ``wandb sync results/<table>/*/wandb/offline-run-*``.
+otherwise; ``WANDB_MODE=offline`` or ``disabled`` overrides any mode. An online
+run that cannot reach the server within ``logger.init_timeout`` seconds is
+logged offline instead. Offline runs sync later with
+``wandb sync results/<table>/*/wandb/offline-run-*``.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ def logged_in() -> bool:
 
 
 def resolve_mode(mode: str) -> str:
+    """The W&B mode of a run: ``WANDB_MODE=offline|disabled`` (the user's word for this
+    shell) wins over any ``logger.mode``; ``WANDB_MODE=online`` settles ``auto``."""
     if mode not in MODES:
         raise ValueError(f"logger.mode={mode!r} is not one of {MODES}.")
-    if os.environ.get("WANDB_MODE") == "disabled":  # the test suite and CI
-        return "disabled"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("disabled", "offline", "dryrun"):
+        return "offline" if env == "dryrun" else env
     if mode == "auto":
-        return "online" if logged_in() else "offline"
+        return "online" if env == "online" or logged_in() else "offline"
     return mode
 
 
@@ -95,24 +101,34 @@ def log_to_wandb(
     try:
         import wandb
 
-        with wandb.init(
-            project=logger_cfg.project,
-            entity=logger_cfg.entity,
-            group=group,
-            tags=list(tags),
-            name=name,
-            config={**config, WANDB_CONFIG_KEY: record.header()},
-            dir=str(run_dir),
-            mode=mode,
-            reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True),
-        ) as run:
-            run.summary.update(wandb_summary(record))
-            if per_query is not None and len(retrievals):
-                columns, rows = per_query_rows(retrievals, per_query)
-                limit = logger_cfg.max_table_rows
-                run.log({"per_query": wandb.Table(columns=columns, data=rows[:limit] if limit else rows)})
-            return {"mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent), "project": logger_cfg.project}
+        def log_run(mode: str) -> dict:
+            with wandb.init(
+                project=logger_cfg.project,
+                entity=logger_cfg.entity,
+                group=group,
+                tags=list(tags),
+                name=name,
+                config={**config, WANDB_CONFIG_KEY: record.header()},
+                dir=str(run_dir),
+                mode=mode,
+                reinit="create_new",
+                settings=wandb.Settings(console="off", silent=True, init_timeout=float(logger_cfg.init_timeout)),
+            ) as run:
+                run.summary.update(wandb_summary(record))
+                if per_query is not None and len(retrievals):
+                    columns, rows = per_query_rows(retrievals, per_query)
+                    limit = logger_cfg.max_table_rows
+                    run.log({"per_query": wandb.Table(columns=columns, data=rows[:limit] if limit else rows)})
+                return {"mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent), "project": logger_cfg.project}
+
+        try:
+            return log_run(mode)
+        except Exception as exc:  # noqa: BLE001 - unreachable or refused: keep the run offline instead
+            if mode != "online":
+                raise
+            log.warning("W&B online logging failed (%s); logging this run offline (sync it later with "
+                        "`wandb sync`)", exc)
+            return {**log_run("offline"), "online_error": f"{type(exc).__name__}: {exc}"}
     except Exception as exc:  # noqa: BLE001 - W&B trouble must never lose the local record
         log.warning("W&B logging failed (%s); the local run record in %s is complete", exc, run_dir)
         return {"mode": mode, "error": f"{type(exc).__name__}: {exc}"}

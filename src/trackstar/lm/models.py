@@ -119,6 +119,24 @@ def build_model(
     return model
 
 
+def model_skeleton(family: str, size: str, vocab_size: int, context_length: int = 128) -> PreTrainedModel:
+    """The architecture of :func:`build_model` on the meta device: shapes only, no memory,
+    for checking settings that depend on them (the projection split) before any work."""
+    config = build_config(family, size, vocab_size, context_length)
+    model_cls = GPT2LMHeadModel if family == "gpt2" else LlamaForCausalLM
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+def hf_skeleton(name_or_path: str) -> PreTrainedModel:
+    """A Hugging Face causal LM's architecture on the meta device, from its config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct trainable parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())

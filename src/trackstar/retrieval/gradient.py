@@ -61,6 +61,18 @@ class GradientRetriever(Retriever):
         # k is the stage's (eval.k), not the method's.
         return {k: v for k, v in dataclasses.asdict(self.attribution).items() if k != "k"}
 
+    def check_model(self, model) -> None:
+        """Refuse settings the model's shape cannot take (the split of d), before any work."""
+        from ..attribution.gradients import all_parameter_sites, block_linear_sites
+        from ..attribution.projection import Projector
+
+        s = self.attribution
+        sites = all_parameter_sites(model) if s.params == "all" else block_linear_sites(model)
+        try:
+            Projector(sites, s.projection, s.d, s.seed)
+        except ValueError as exc:
+            raise ValueError(f"method.d={s.d}: {exc}") from None
+
     def retrieve(self, task: RetrievalTask) -> tuple[list[dict], dict]:
         from ..attribution.api import TrackStar
 

@@ -82,6 +82,10 @@ class Retriever(ABC):
     def key_hash(self) -> str:
         return config_hash(self.cache_key())
 
+    def check_model(self, model) -> None:
+        """Raise ValueError if the settings do not fit ``model``'s architecture (given on
+        the meta device: shapes only). Called before any work; text baselines take any."""
+
     @abstractmethod
     def retrieve(self, task: RetrievalTask) -> tuple[list[dict], dict]:
         """(release-schema records in query order, info the run record keeps)."""

@@ -121,7 +121,7 @@ def write_index(out: Path, made: list, skipped: list[str], runs: RunSet, command
         lines += ["", f"Left out: {len(runs.failed)} run(s) that did not finish:"]
         lines += [f"- `{f['run']}`: {f['error']}" for f in runs.failed]
     if runs.stale:
-        lines += ["", f"Left out: {len(runs.stale)} run record(s) of another schema version:"]
+        lines += ["", f"Left out: {len(runs.stale)} run record(s) of another schema version, or damaged:"]
         lines += [f"- {s}" for s in runs.stale]
     lines += [
         "",

@@ -16,7 +16,7 @@ columns:
 - metrics, flat: ``mrr``, ``mrr/ci_low``, ``mrr/ci_high``, ``mrr/n`` and
   ``split/<split>/<group>/<metric>`` with the same suffixes.
 
-Records of another schema version are left out with a warning naming them
+Records of another schema version (or damaged ones) are left out with a warning naming them
 (an error under ``--strict``).
 """
 
@@ -152,7 +152,7 @@ def describe_commits(commits: Counter) -> str:
 def _runset(rows: list[dict], failed: list[dict], stale: list[str], strict: bool, source: str, where: str) -> RunSet:
     if stale:
         message = (
-            f"{len(stale)} run record(s) of another schema are left out of every table:\n  " + "\n  ".join(stale)
+            f"{len(stale)} run record(s) of another schema, or damaged, are left out of every table:\n  " + "\n  ".join(stale)
             + "\nRe-run their sweeps (they re-run: their config ids changed) and move the old directories away."
         )
         if strict:
@@ -168,7 +168,7 @@ def _runset(rows: list[dict], failed: list[dict], stale: list[str], strict: bool
         )
     if not rows:
         raise TablesError(
-            f"No finished runs {where} ({len(failed)} failed, {len(stale)} of another schema). Fix the "
+            f"No finished runs {where} ({len(failed)} failed, {len(stale)} of another schema or damaged). Fix the "
             f"failures listed above and re-run the sweep, e.g. `{SWEEP_HINT}`."
         )
     return RunSet(pd.DataFrame(rows), source, failed, stale)
