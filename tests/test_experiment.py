@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from trackstar.experiment.cell import validate
+from trackstar.experiment.cell import ConfigError, validate
 from trackstar.sweeps import sweep_names
 from trackstar.tables.aggregate import SOURCES
 
@@ -61,6 +61,11 @@ def test_every_group_option_composes():
             overrides = [f"{group}={option.stem}"]
             if option.stem == "hf":
                 overrides.append("model.hf_name_or_path=/some/local/model")
+            if option.stem == "medium":
+                # d is split equally over the attributed layers: 24 in medium, 16 below.
+                with pytest.raises(ConfigError, match="method.d=4096: .* divisible by 24"):
+                    validate(_compose(overrides=overrides))
+                overrides.append("method.d=4080")
             cfg = _compose(overrides=overrides)
             if group != "model" or option.stem != "hf":
                 validate(cfg)

@@ -61,7 +61,7 @@ def test_modes(monkeypatch):
 def test_offline_run_is_written_and_holds_config_and_summary(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = types.SimpleNamespace(mode="offline", project="trackstar-test", entity=None, max_table_rows=None)
+    logger = types.SimpleNamespace(mode="offline", project="trackstar-test", entity=None, max_table_rows=None, init_timeout=20)
     info = log_to_wandb(tmp_path, {"method": {"name": "bm25"}}, RECORD, RETRIEVALS, PER_QUERY, logger,
                         group="table1", tags=["table1", "bm25"], name="bm25-closed-test")
     assert info["mode"] == "offline" and "error" not in info
@@ -93,6 +93,6 @@ def test_wandb_failure_is_reported_not_raised(tmp_path, monkeypatch):
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr(wandb, "init", boom)
-    logger = types.SimpleNamespace(mode="online", project="p", entity=None, max_table_rows=None)
+    logger = types.SimpleNamespace(mode="online", project="p", entity=None, max_table_rows=None, init_timeout=1)
     info = log_to_wandb(tmp_path, {}, RECORD, RETRIEVALS, PER_QUERY, logger, group="g", tags=[], name="n")
     assert info == {"mode": "online", "error": "ConnectionError: api.wandb.ai unreachable"}
