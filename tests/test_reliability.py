@@ -292,6 +292,25 @@ def test_wandb_mode_from_the_environment_wins(monkeypatch):
     assert resolve_mode("auto") == "online"
 
 
+def test_unreachable_wandb_server_logs_the_run_offline(tmp_path, monkeypatch):
+    import types
+
+    import wandb
+    from test_tracking import PER_QUERY, RECORD, RETRIEVALS
+
+    from trackstar.experiment.tracking import log_to_wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = types.SimpleNamespace(mode="auto", project="p", entity=None, max_table_rows=None, init_timeout=2)
+    info = log_to_wandb(tmp_path, {}, RECORD, RETRIEVALS, PER_QUERY, logger, group="g", tags=[], name="n")
+    wandb.teardown()
+    assert info["mode"] == "offline" and "online_error" in info and "error" not in info
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+
+
 def _trackstar(*args, env_extra=None, cwd=None):
     env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "trackstar.cli", *args], capture_output=True, text=True,

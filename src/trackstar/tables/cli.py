@@ -19,6 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..errors import debug_requested, describe_error
 from ..experiment.record import now
 from ..io import ArtifactError, atomic_write_text, ensure_writable_dir
 from .aggregate import SOURCES, TABLES
@@ -141,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _print_warning
         try:
             return generate(args, command)
-        except (TablesError, ArtifactError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - one clear line; the traceback on request
+            if debug_requested():
+                raise
+            print(f"trackstar-tables: error: {describe_error(exc)}", file=sys.stderr)
+            if not isinstance(exc, (TablesError, ArtifactError)):
+                print("  (TRACKSTAR_DEBUG=1 shows the traceback)", file=sys.stderr)
             return 2
 
 
