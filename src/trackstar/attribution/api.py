@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import config_hash
+from ..io import ArtifactError, config_hash, is_complete
 from .curvature import CurvatureCache, Whitening, auto_lambda, mix
 from .features import FeatureExtractor, extract_to_store
 from .gradients import all_parameter_sites, block_linear_sites
@@ -27,7 +27,16 @@ from .projection import Projector
 from .scoring import TopK, faiss_top_k, top_k, unit_normalize
 from .second_moment import SecondMoment, estimate_second_moment, second_moment_from_optimizer
 from .settings import AttributionSettings
-from .store import FeatureStore, check_compatible, model_fingerprint
+from .store import (
+    SHARDS_FILE,
+    FeatureStore,
+    check_compatible,
+    check_shard,
+    create_shard,
+    model_fingerprint,
+    open_store,
+    shard_bounds,
+)
 
 
 @dataclass
@@ -60,7 +69,10 @@ class TrackStar:
     settings use V. ``work_dir`` holds the feature stores, named by a hash of
     their settings so a re-run resumes or reuses them; a temporary directory
     when None. Queries are ``(prompt, target[, id])`` tuples or dicts with
-    ``prompt``, ``target`` and optionally ``id``.
+    ``prompt``, ``target`` and optionally ``id``. ``device`` (``auto``, ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps``) moves the model there first; None keeps it
+    where it is. Features, V and scores are computed on the model's device;
+    stores and results are on the CPU.
     """
 
     def __init__(
@@ -70,7 +82,14 @@ class TrackStar:
         settings: AttributionSettings = AttributionSettings(),
         optimizer=None,
         work_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
     ):
+        from ..device import model_device, resolve_device
+
+        if device is not None:
+            model.to(resolve_device(device))
+        #: Where features, V and scores are computed: the model's device.
+        self.device = model_device(model)
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -116,6 +135,7 @@ class TrackStar:
                            for i in range(0, min(len(train_examples), bs * s.v_estimate_batches), bs)]
                 self._second_moment = estimate_second_moment(
                     self.model, batches, self.sites, adam_mode=s.adam_mode)
+            self._second_moment = self._second_moment.to(self.device)
         return self._second_moment
 
     # --- features ---------------------------------------------------------------------
@@ -141,34 +161,80 @@ class TrackStar:
             "reduction": s.reduction if kind == "query" else "mean",
             "dtype": s.storage_dtype,
             "row_ids": [str(r) if not isinstance(r, (int, str)) else r for r in row_ids],
+            # Only when not float32, so stores made before the setting existed stay valid.
+            **({"model_dtype": s.model_dtype} if s.model_dtype != "float32" else {}),
         }
 
+    def store_path(self, kind: str, meta: dict) -> Path:
+        return self.work_dir / f"{kind}-{config_hash(meta)}"
+
     def featurize(self, examples: list[Example], kind: str, row_ids: list,
-                  v: SecondMoment | None, path: str | Path | None = None) -> FeatureStore:
-        """Features of ``examples`` in a (resumable) store under work_dir."""
+                  v: SecondMoment | None, path: str | Path | None = None,
+                  shard: tuple[int, int] | None = None, expect_shards: int = 1):
+        """Features of ``examples`` in a (resumable) store under work_dir.
+
+        ``shard=(index, count)`` computes only that shard's contiguous rows (a
+        job of a sharded extraction) and returns the shard; without it, a store
+        that is being written by shards is read as one once every shard is
+        finished (:func:`~.store.open_store` names the missing ones);
+        ``expect_shards > 1`` insists on that (it never extracts them itself).
+        """
         output_fn = "loss" if kind == "train" else self.settings.output_fn
         meta = self._meta(kind, row_ids, v, output_fn, examples)
-        path = Path(path) if path is not None else self.work_dir / f"{kind}-{config_hash(meta)}"
-        store = FeatureStore.create(path, meta)
+        path = Path(path) if path is not None else self.store_path(kind, meta)
+        if shard is None and not is_complete(path) and ((path / SHARDS_FILE).exists() or expect_shards > 1):
+            if not (path / SHARDS_FILE).exists():
+                raise ArtifactError(
+                    f"No shard of the {kind} features {str(path)!r} exists yet: run the {expect_shards} "
+                    f"extraction jobs first (shard.index=0..{expect_shards - 1} with shard.count={expect_shards})."
+                )
+            return open_store(path, meta)
+        if shard is not None and is_complete(path):  # already written whole: nothing left to shard
+            return FeatureStore.open(path, meta)
+        if shard is None:
+            store, todo = FeatureStore.create(path, meta), examples
+        else:
+            store = create_shard(path, meta, *shard)
+            start, stop = shard_bounds(len(examples), shard[1])[shard[0]]
+            todo = examples[start:stop]
+        autocast = None if self.settings.model_dtype == "float32" else getattr(torch, self.settings.model_dtype)
         extractor = FeatureExtractor(self.model, self.sites, self.projector, v,
-                                     dense=self.settings.params == "all")
-        extract_to_store(store, examples, extractor, self.settings.batch_size,
-                         self.settings.chunk_rows, self.settings.padding_side, desc=f"{kind} features")
-        return FeatureStore.open(path, meta)
+                                     dense=self.settings.params == "all", autocast_dtype=autocast)
+        extract_to_store(store, todo, extractor, self.settings.batch_size,
+                         self.settings.chunk_rows, self.settings.padding_side,
+                         desc=f"{kind} features" + (f" (shard {shard[0]}/{shard[1]})" if shard else ""))
+        return FeatureStore.open(store.path)
+
+    def extract_shard(self, train_texts: Sequence[str], index: int, count: int,
+                      train_ids: Sequence | None = None):
+        """The map step of a sharded run: shard ``index`` of ``count`` of the training
+        features, and its part of R_train (sum of outer products and count), so that
+        :meth:`attribute` with the same texts only has to merge them and score."""
+        check_shard(index, count)
+        train_ids = list(range(len(train_texts))) if train_ids is None else list(train_ids)
+        examples = self.training_examples(train_texts, train_ids)
+        shard = self.featurize(examples, "train", train_ids, self.second_moment(examples), shard=(index, count))
+        if self.settings.curvature != "none":
+            CurvatureCache(self.work_dir / "curvature").shard_sums(shard, self._blocks(shard), self.settings.chunk_rows,
+                                                                   self.device)
+        return shard
 
     # --- curvature and scoring ---------------------------------------------------------------
+    def _blocks(self, store) -> list[slice]:
+        return [sl for _, sl in store.layer_slices()] if self.settings.block_diagonal else [slice(0, store.d)]
+
     def whitening(self, train: FeatureStore, query: FeatureStore) -> Whitening | None:
         """R^{-1/2} of the settings' R, from the curvature cache under work_dir when there."""
         s = self.settings
         if s.curvature == "none":
             return None
-        blocks = [sl for _, sl in train.layer_slices()] if s.block_diagonal else [slice(0, train.d)]
+        blocks = self._blocks(train)
         cache = CurvatureCache(self.work_dir / "curvature")
-        train_key, r_train = cache.second_moment(train, blocks, s.chunk_rows)
+        train_key, r_train = cache.second_moment(train, blocks, s.chunk_rows, self.device)
         if s.curvature == "train":
             key = {"r_train": train_key, "damping": s.damping}
             return cache.whitening(key, blocks, lambda: Whitening.build(r_train(), blocks, s.damping))
-        eval_key, r_eval = cache.second_moment(query, blocks, s.chunk_rows)
+        eval_key, r_eval = cache.second_moment(query, blocks, s.chunk_rows, self.device)
 
         def build() -> Whitening:
             rt, re = r_train(), r_eval()
@@ -187,7 +253,7 @@ class TrackStar:
     def score(self, train: FeatureStore, query: FeatureStore) -> tuple[TopK, Whitening | None]:
         check_compatible(train, query)
         whitening = self.whitening(train, query)
-        q = self.transform(query.rows(), whitening)
+        q = self.transform(query.rows().to(self.device), whitening)
         # Scoring streams bigger chunks than extraction writes: a 64 MiB slab
         # per step keeps the per-chunk top-k bookkeeping small next to the matmul.
         rows = max(self.settings.chunk_rows, (64 << 20) // (4 * train.d))
@@ -198,13 +264,18 @@ class TrackStar:
         return result, whitening
 
     def attribute(self, train_texts: Sequence[str], queries: Sequence,
-                  train_ids: Sequence | None = None) -> AttributionResult:
+                  train_ids: Sequence | None = None, shards: int = 1) -> AttributionResult:
+        """Top-k proponents and opponents of each query among ``train_texts``.
+
+        ``shards > 1``: the training features must have been written by
+        :meth:`extract_shard` jobs (all ``shards`` of them); this merges and scores.
+        """
         train_ids = list(range(len(train_texts))) if train_ids is None else list(train_ids)
         train_examples = self.training_examples(train_texts, train_ids)
         query_examples = self.query_examples(queries)
         query_ids = [_query_parts(q, i)[2] for i, q in enumerate(queries)]
         v = self.second_moment(train_examples)
-        train = self.featurize(train_examples, "train", train_ids, v)
+        train = self.featurize(train_examples, "train", train_ids, v, expect_shards=shards)
         query = self.featurize(query_examples, "query", query_ids, v)
         top, whitening = self.score(train, query)
         ids = train.row_ids
@@ -224,7 +295,8 @@ class TrackStar:
 
 def attribute(model, tokenizer, train_texts: Sequence[str], queries: Sequence,
               settings: AttributionSettings = AttributionSettings(), optimizer_state=None,
-              work_dir: str | Path | None = None, train_ids: Sequence | None = None) -> AttributionResult:
+              work_dir: str | Path | None = None, train_ids: Sequence | None = None,
+              device: str | torch.device | None = None) -> AttributionResult:
     """One-call attribution; see :class:`TrackStar`."""
-    return TrackStar(model, tokenizer, settings, optimizer_state, work_dir).attribute(
+    return TrackStar(model, tokenizer, settings, optimizer_state, work_dir, device).attribute(
         train_texts, queries, train_ids)

@@ -30,19 +30,34 @@ class CurvatureError(ValueError):
     """R cannot be inverted as configured."""
 
 
-def second_moment_matrix(
-    chunks: Iterable[torch.Tensor], d: int, blocks: list[slice] | None = None
-) -> list[torch.Tensor]:
-    """Mean outer product (1/N) Σ g gᵀ, full (one block) or per block, float64."""
+def outer_product_sums(
+    chunks: Iterable[torch.Tensor], d: int, blocks: list[slice] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[list[torch.Tensor], int]:
+    """(Σ g gᵀ per block, number of rows), float64: R's sufficient statistics, which
+    add up across shards. Accumulated on ``device`` (the CPU when None, or for
+    MPS, which has no float64); the sums are returned on the CPU."""
+    from ..device import float64_device
+
     blocks = blocks or [slice(0, d)]
-    sums = [torch.zeros((s.stop - s.start,) * 2, dtype=torch.float64) for s in blocks]
+    device = float64_device(torch.device(device or "cpu"))
+    sums = [torch.zeros((s.stop - s.start,) * 2, dtype=torch.float64, device=device) for s in blocks]
     count = 0
     for chunk in chunks:
-        x = chunk.double()
+        x = chunk.to(device).double()
         for acc, s in zip(sums, blocks):
             xs = x[:, s]
             acc.addmm_(xs.T, xs)
         count += x.shape[0]
+    return [acc.cpu() for acc in sums], count
+
+
+def second_moment_matrix(
+    chunks: Iterable[torch.Tensor], d: int, blocks: list[slice] | None = None,
+    device: torch.device | str | None = None,
+) -> list[torch.Tensor]:
+    """Mean outer product (1/N) Σ g gᵀ, full (one block) or per block, float64, on the CPU."""
+    sums, count = outer_product_sums(chunks, d, blocks, device)
     if count == 0:
         raise CurvatureError("Cannot estimate R from zero feature rows.")
     return [acc / count for acc in sums]
@@ -127,6 +142,8 @@ class Whitening:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x, dtype=torch.float32)
+        if self.matrices and self.matrices[0].device != x.device:  # once per device, not per chunk
+            self.matrices = [m.to(x.device) for m in self.matrices]
         for s, m in zip(self.blocks, self.matrices):
             # R^{-1/2} is symmetric, so x R^{-1/2} applies it to every row.
             out[:, s] = x[:, s].float() @ m
@@ -180,7 +197,8 @@ class CurvatureCache:
         torch.save(value, buffer)
         atomic_write_checked(path, buffer.getvalue())
 
-    def second_moment(self, store, blocks: list[slice], chunk_rows: int) -> tuple[str, Callable[[], list[torch.Tensor]]]:
+    def second_moment(self, store, blocks: list[slice], chunk_rows: int,
+                      device: torch.device | None = None) -> tuple[str, Callable[[], list[torch.Tensor]]]:
         """(key, loader) of the mean outer product of ``store``'s rows; computed on first load."""
         key = config_hash({"store": store.meta, "blocks": [(b.start, b.stop) for b in blocks]})
 
@@ -189,11 +207,29 @@ class CurvatureCache:
             cached = self._load(path)
             if cached is not None:
                 return cached
-            value = second_moment_matrix((x for _, x in store.chunks(chunk_rows)), store.d, blocks)
+            if hasattr(store, "shards"):  # a sharded store: add up each shard's sums
+                parts = [self.shard_sums(shard, blocks, chunk_rows, device) for shard in store.shards]
+                count = sum(c for _, c in parts)
+                if count == 0:
+                    raise CurvatureError("Cannot estimate R from zero feature rows.")
+                value = [sum(p[0][i] for p in parts) / count for i in range(len(blocks))]
+            else:
+                value = second_moment_matrix((x for _, x in store.chunks(chunk_rows)), store.d, blocks, device)
             self._save(path, value)
             return value
 
         return key, load
+
+    def shard_sums(self, shard, blocks: list[slice], chunk_rows: int,
+                   device: torch.device | None = None) -> tuple[list[torch.Tensor], int]:
+        """One shard's (Σ g gᵀ, count), cached: the map step computes it, the reduce adds."""
+        path = self._path("rsum", config_hash({"store": shard.meta, "blocks": [(b.start, b.stop) for b in blocks]}))
+        cached = self._load(path)
+        if cached is not None:
+            return cached["sums"], cached["count"]
+        sums, count = outer_product_sums((x for _, x in shard.chunks(chunk_rows)), shard.d, blocks, device)
+        self._save(path, {"sums": sums, "count": count})
+        return sums, count
 
     def whitening(self, key: dict, blocks: list[slice], build: Callable[[], Whitening]) -> Whitening:
         path = self._path("whitening", config_hash(key))
@@ -201,5 +237,5 @@ class CurvatureCache:
         if cached is not None:
             return Whitening(blocks, cached["matrices"], cached["lam"])
         result = build()
-        self._save(path, {"matrices": result.matrices, "lam": result.lam})
+        self._save(path, {"matrices": [m.cpu() for m in result.matrices], "lam": result.lam})
         return result

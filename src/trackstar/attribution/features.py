@@ -7,6 +7,8 @@ because R is estimated from these very features.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -34,8 +36,14 @@ class FeatureExtractor:
         projector: Projector,
         second_moment: SecondMoment | None = None,
         dense: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ):
+        from ..device import model_device
+
         self.model = model
+        self.device = model_device(model)
+        #: The model's forward and backward in this dtype (torch.autocast); None: as stored.
+        self.autocast_dtype = autocast_dtype
         self.sites = sites
         self.projector = projector
         self.second_moment = second_moment
@@ -53,10 +61,10 @@ class FeatureExtractor:
         the returned scale is None; otherwise the scale is applied to B or A.
         """
         if name not in self._sides:
-            left, right = self.projector.matrices(name)
+            left, right = (None if m is None else m.to(self.device) for m in self.projector.matrices(name))
             corr = self.second_moment[name] if self.second_moment is not None else None
-            row = corr.row if corr is not None else None
-            col = corr.col if corr is not None else None
+            row = corr.row.to(self.device) if corr is not None and corr.row is not None else None
+            col = corr.col.to(self.device) if corr is not None and corr.col is not None else None
             if left is not None and row is not None:
                 left, row = left * row[None, :], None
             if right is not None and col is not None:
@@ -64,20 +72,29 @@ class FeatureExtractor:
             self._sides[name] = (left, right, row, col)
         return self._sides[name]
 
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def __call__(self, batch: Batch) -> torch.Tensor:
+        """The (n, d) float32 features of ``batch``, on the model's device."""
         n = len(batch.examples)
-        out = torch.empty((n, self.dim), dtype=torch.float32)
+        batch = batch.to(self.device)
+        out = torch.empty((n, self.dim), dtype=torch.float32, device=self.device)
         if self.dense:
-            grads = dense_gradients(self.model, batch, self.sites)
+            with self._autocast():
+                grads = dense_gradients(self.model, batch, self.sites)
             for site in self.sites:
                 g = grads.pop(site.name)
                 if self.second_moment is not None:
-                    g = g * self.second_moment[site.name].multiplier()
+                    g = g * self.second_moment[site.name].multiplier().to(self.device)
                 block = self.projector.by_name[site.name]
                 out[:, block.offset : block.stop] = self.projector.project_dense(site.name, g)
                 check_finite(out[:, block.offset : block.stop], batch, site.name)
             return out
-        factors = layer_factors(self.model, batch, self.sites)
+        with self._autocast():
+            factors = layer_factors(self.model, batch, self.sites)
         # Pads are masked after projection (smallest tensors); where() rather
         # than a product so a NaN at a pad position cannot leak in. A batch
         # without pads skips it: on a busy CPU each small op costs a thread
@@ -92,7 +109,7 @@ class FeatureExtractor:
             if corr is not None and not corr.factored:
                 if padded:
                     a, b = torch.where(mask, a, 0.0), torch.where(mask, b, 0.0)
-                g = torch.bmm(b.transpose(1, 2), a) * corr.dense
+                g = torch.bmm(b.transpose(1, 2), a) * corr.dense.to(self.device)
                 block[:] = self.projector.project_dense(site.name, g)
                 continue
             left, right, row, col = self._folded(site.name)

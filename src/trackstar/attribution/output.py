@@ -108,6 +108,12 @@ class Batch:
     weights: torch.Tensor  # (n, T) float32, weight of predicting ids[:, t]
     examples: list[Example]
 
+    def to(self, device: torch.device) -> "Batch":
+        if self.input_ids.device == device:
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                     self.weights.to(device), self.examples)
+
 
 def collate(examples: Sequence[Example], padding_side: str = "right", pad_id: int = 0) -> Batch:
     """Pad to the longest example (:func:`trackstar.lm.data.pad`).

@@ -155,7 +155,7 @@ class Projector:
 
     def project_dense(self, name: str, g: torch.Tensor) -> torch.Tensor:
         """P_L G P_Rᵀ per example: G (n, O, I) -> (n, p_L·p_R)."""
-        left, right = self.matrices(name)
+        left, right = (None if m is None else m.to(g.device) for m in self.matrices(name))
         if left is not None:
             g = left @ g
         if right is not None:

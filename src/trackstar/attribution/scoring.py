@@ -52,15 +52,18 @@ def top_k(
 
     ``queries`` (M, d) must already be transformed. Each training chunk
     (start, (c, d)) gets ``transform`` and then, if ``normalize_train``, unit
-    normalization. Normalization divides the score columns by the row norms
+    normalization. Chunks are moved to the queries' device, where the scores
+    and the running top-k live; the result is on the CPU. Normalization divides the score columns by the row norms
     rather than rewriting the chunk: the same numbers, one pass less over
     memory.
     """
     m = queries.shape[0]
     q = queries.float().contiguous()
-    p_s, p_i = torch.empty((m, 0)), torch.empty((m, 0), dtype=torch.long)
-    o_s, o_i = torch.empty((m, 0)), torch.empty((m, 0), dtype=torch.long)
+    device = q.device
+    p_s, p_i = torch.empty((m, 0), device=device), torch.empty((m, 0), dtype=torch.long, device=device)
+    o_s, o_i = torch.empty((m, 0), device=device), torch.empty((m, 0), dtype=torch.long, device=device)
     for start, chunk in train_chunks:
+        chunk = chunk.to(device, non_blocking=True)
         x = transform(chunk) if transform is not None else chunk
         scores = q @ x.T
         if normalize_train:
@@ -68,7 +71,7 @@ def top_k(
             scores /= torch.where(norms > 0, norms, torch.ones_like(norms))
         p_s, p_i = _merge(p_s, p_i, scores, start, k, largest=True)
         o_s, o_i = _merge(o_s, o_i, scores, start, k, largest=False)
-    return TopK(p_i, p_s, o_i, o_s)
+    return TopK(p_i.cpu(), p_s.cpu(), o_i.cpu(), o_s.cpu())
 
 
 def faiss_top_k(
@@ -91,13 +94,15 @@ def faiss_top_k(
             "scorer='faiss' needs the faiss package: pip install 'trackstar[faiss]' (faiss-cpu), "
             "or use scorer='stream'."
         ) from exc
-    q = queries.float().contiguous().numpy()
+    device = queries.device
+    q = queries.float().contiguous().cpu().numpy()
     index = faiss.IndexFlatIP(q.shape[1])
     for _, chunk in train_chunks:
+        chunk = chunk.to(device)
         x = transform(chunk) if transform is not None else chunk
         if normalize_train:
             x = unit_normalize(x)
-        index.add(x.float().contiguous().numpy())
+        index.add(x.float().contiguous().cpu().numpy())
     k = min(k, index.ntotal)
     p_s, p_i = index.search(q, k)
     o_s, o_i = index.search(-q, k)

@@ -20,6 +20,7 @@ layout of each weight (HF ``Conv1D`` is I×O), and are swapped into O×I here.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -78,6 +79,14 @@ class SecondMoment:
 
     def __getitem__(self, name: str) -> LayerCorrection:
         return self.layers[name]
+
+    def to(self, device: torch.device) -> "SecondMoment":
+        """The same corrections on ``device`` (float32; one copy, not one per batch)."""
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return SecondMoment({n: dataclasses.replace(c, row=move(c.row), col=move(c.col), dense=move(c.dense))
+                             for n, c in self.layers.items()}, self.source)
 
 
 def _named_states(model: nn.Module, optimizer) -> dict[str, tuple[dict, dict]]:
@@ -260,20 +269,24 @@ def estimate_second_moment(
     Warns loudly: attribution quality depends on V, and an estimate from a
     few batches is not the optimizer's statistic.
     """
+    from ..device import float64_device, model_device
+
     params = dict(model.named_parameters())
     chosen = [params[s.name] for s in sites]
-    sums = [torch.zeros(s.shape, dtype=torch.float64) for s in sites]
+    device = model_device(model)
+    sums = [torch.zeros(s.shape, dtype=torch.float64, device=float64_device(device)) for s in sites]
     count = 0
     flags = [p.requires_grad for p in chosen]
     for p in chosen:
         p.requires_grad_(True)
     with eval_mode(model), torch.enable_grad():
         for batch in batches:
+            batch = batch.to(device)
             value = objective(forward_logits(model, batch), batch) / len(batch.examples)
             grads = torch.autograd.grad(value, chosen, allow_unused=True)
             for acc, s, g in zip(sums, sites, grads):
                 if g is not None:
-                    acc += _oriented(g, s) ** 2
+                    acc += (_oriented(g, s) ** 2).to(acc.device)
             count += 1
     for p, flag in zip(chosen, flags):
         p.requires_grad_(flag)

@@ -18,6 +18,7 @@ CURVATURES = ("none", "train", "mix")
 PROJECTIONS = ("identity", "gaussian")
 PARAM_SETS = ("default", "all")
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ADAM_MODES = ("exact", "rank1")
 SCORERS = ("stream", "faiss")
 
@@ -45,6 +46,10 @@ class AttributionSettings:
         ``faiss`` extra; its memory grows with N).
     params: ``default`` = weight matrices of the block linear layers (fast
         path); ``all`` = every parameter through plain per-example autograd.
+    model_dtype: the model's forward and backward during feature extraction
+        (``torch.autocast``; the weights are not changed): ``float32``, or
+        ``bfloat16`` / ``float16`` mixed precision. Projections, V, R and
+        scores stay float32/float64 (see the README for what bf16 costs).
     """
 
     output_fn: OutputFn = "loss"
@@ -67,6 +72,7 @@ class AttributionSettings:
     storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     padding_side: Literal["right", "left"] = "right"
     scorer: Literal["stream", "faiss"] = "stream"
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self) -> None:
         choices = {
@@ -79,6 +85,7 @@ class AttributionSettings:
             "adam_mode": ADAM_MODES,
             "padding_side": ("right", "left"),
             "scorer": SCORERS,
+            "model_dtype": MODEL_DTYPES,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)

@@ -30,11 +30,15 @@ def dense_topk(
     k: int,
     model: str = DEFAULT_MODEL,
     batch_size: int = 64,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (queries x k) of the top-``k`` texts by cosine similarity, and their scores."""
+    """Indices (queries x k) of the top-``k`` texts by cosine similarity, and their scores.
+
+    ``device``: where the encoder runs (a torch device string; None lets
+    sentence-transformers choose)."""
     if k > len(corpus_texts):
         raise ValueError(f"k={k} exceeds the corpus size {len(corpus_texts)}; lower k.")
-    encoder = load_encoder(model)
+    encoder = load_encoder(model, device)
     docs = encoder.encode(list(corpus_texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     qs = encoder.encode(list(query_texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     sims = qs @ docs.T

@@ -147,15 +147,19 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, with_optimizer: bool = True, verify: bool = True
+    path: str | os.PathLike, with_optimizer: bool = True, verify: bool = True,
+    device: str | torch.device | None = None,
 ) -> Checkpoint:
     """Load a pretraining checkpoint: model, tokenizer, optimizer with its state, lr.
 
     The optimizer is rebuilt over the model's parameters from the recorded name
     and hyperparameters, and its saved state (second moments, step counts,
     learning rate) loaded exactly. ``verify`` re-hashes the directory against
-    its ``COMPLETE`` marker.
+    its ``COMPLETE`` marker. ``device`` places the model (and so the optimizer
+    state) there; None keeps the CPU.
     """
+    from ..device import resolve_device
+
     path = Path(path)
     if verify:
         check_checkpoint(path)
@@ -167,6 +171,8 @@ def load_checkpoint(
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"checkpoint {str(path)!r} could not be loaded ({exc}). {REBUILD_HINT}") from exc
     model.eval()
+    if device is not None:
+        model.to(resolve_device(device))  # before the optimizer is built: its state follows the parameters
     optimizer = None
     learning_rate = state.get("learning_rate")
     if with_optimizer:
@@ -201,12 +207,16 @@ def load_rng_state(path: str | os.PathLike) -> dict:
     return torch.load(Path(path) / RNG_STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def load_hf_causal_lm(name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> Checkpoint:
+def load_hf_causal_lm(name_or_path: str | os.PathLike, device: str | torch.device | None = None,
+                      **from_pretrained_kwargs) -> Checkpoint:
     """Any HF causal LM and its tokenizer, by hub name or local path (no optimizer state).
 
-    Keyword arguments go to both ``from_pretrained`` calls (e.g.
-    ``local_files_only=True``, ``revision=...``).
+    ``device`` places the model there (None: the CPU). Keyword arguments go to
+    both ``from_pretrained`` calls (e.g. ``local_files_only=True``,
+    ``revision=...``, ``torch_dtype=torch.bfloat16``).
     """
+    from ..device import resolve_device
+
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **from_pretrained_kwargs)
@@ -216,5 +226,7 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, **from_pretrained_kwargs)
             "directory written by save_pretrained, or a hub name with network access."
         ) from exc
     model.eval()
+    if device is not None:
+        model.to(resolve_device(device))
     path = Path(name_or_path) if Path(name_or_path).exists() else None
     return Checkpoint(model, tokenizer, path=path, trainer_state={"source": str(name_or_path)})

@@ -137,7 +137,9 @@ def lm_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the non-padding tokens of ``batch``."""
+    """Mean next-token cross-entropy over the non-padding tokens of ``batch`` (moved to the model's device)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
     shift_logits = logits[:, :-1].float()

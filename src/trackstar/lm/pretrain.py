@@ -49,12 +49,18 @@ def pretrain_model(
     out_dir: str | os.PathLike,
     config: PretrainConfig | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Pretrain (or resume, or reuse) a model on ``world_dir``'s corpus into ``out_dir``.
 
     Returns ``out_dir``; its ``pretrain.json`` lists the checkpoints, the last
     of which is the final model with its optimizer state and final learning rate.
+    ``device`` (``auto``, ``cpu``, ``cuda[:N]``, ``mps``; None: the CPU) is where
+    it trains; checkpoints are loadable anywhere.
     """
+    from trackstar.device import resolve_device
+
+    device = resolve_device(device) if device is not None else torch.device("cpu")
     config = config or PretrainConfig()
     manifest, corpus, queries = read_world(world_dir)
     out_dir = ensure_writable_dir(out_dir, "pretraining output directory")
@@ -71,7 +77,7 @@ def pretrain_model(
     order = DataOrder(len(examples), config.batch_size, config.seed)
     total_steps = config.total_steps(order.steps_per_epoch)
     ckpt_steps = checkpoint_steps(config, total_steps)
-    model, optimizer, trainer_state = _start_or_resume(out_dir, key, config, tokenizer, total_steps)
+    model, optimizer, trainer_state = _start_or_resume(out_dir, key, config, tokenizer, total_steps, device)
     run = run_record(config, key, manifest, world_dir, order, n_cut, model)
     losses, seconds = trainer_state["loss_history"], trainer_state["train_seconds"]
     pad_id = pad_token_id(tokenizer)
@@ -102,11 +108,12 @@ def pretrain_model(
     return out_dir
 
 
-def _start_or_resume(out_dir: Path, key: str, config: PretrainConfig, tokenizer, total_steps: int):
-    """(model, optimizer, trainer state) from the last checkpoint, or fresh at step 0."""
+def _start_or_resume(out_dir: Path, key: str, config: PretrainConfig, tokenizer, total_steps: int,
+                     device: torch.device):
+    """(model, optimizer, trainer state) on ``device`` from the last checkpoint, or fresh at step 0."""
     resume_from = latest_checkpoint(out_dir, key)
     if resume_from is not None:
-        loaded = load_checkpoint(resume_from)
+        loaded = load_checkpoint(resume_from, device=device)
         restore_rng_state(load_rng_state(resume_from))
         state = {k: loaded.trainer_state[k] for k in ("step", "loss_history", "train_seconds")}
         log.info("resuming pretraining from %s (step %d of %d)", resume_from, state["step"], total_steps)
@@ -114,7 +121,7 @@ def _start_or_resume(out_dir: Path, key: str, config: PretrainConfig, tokenizer,
     model = build_model(
         config.family, config.size, len(tokenizer), config.context_length, config.seed,
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-    )
+    ).to(device)
     optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
                                 config.optimizer_kwargs)
     torch.manual_seed(config.seed)

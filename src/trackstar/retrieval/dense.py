@@ -29,7 +29,9 @@ class Dense(Retriever):
         from ..baselines.dense import dense_topk
 
         corpus = Corpus.from_world(task.world, task.corpus)
-        rows, scores = dense_topk(corpus.texts, [query_text(q) for q in task.queries], task.k, model=self.options.model)
+        device = str(task.device) if task.device is not None else None
+        rows, scores = dense_topk(corpus.texts, [query_text(q) for q in task.queries], task.k,
+                                  model=self.options.model, device=device)
         return text_records(task.queries, corpus, rows, scores), {"dense_model": self.options.model}
 
 

@@ -1,0 +1,58 @@
+"""Where tensors live: ``auto | cpu | cuda | cuda:N | mps``.
+
+``auto`` takes the first CUDA device when this torch sees one, else the CPU;
+MPS is used only when asked for (it has no float64, which R needs: R is then
+accumulated on the CPU). Projection matrices are generated on the CPU from
+their seeds and moved, so features agree across devices to float tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+class DeviceError(ValueError):
+    """The requested device is not one this machine (or this torch build) has."""
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for ``spec``; a clear error for one that is not here."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise DeviceError(f"device={spec!r} is not a device; use {DEVICES}.") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise DeviceError(f"device={spec!r}, but this torch ({torch.__version__}, {build}) sees no CUDA GPU. "
+                              "Use device=auto (it falls back to the CPU) or device=cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device={spec!r}, but there are {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+        return device
+    if device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError(f"device={spec!r}, but MPS is not available here. Use device=auto or cpu.")
+        return device
+    raise DeviceError(f"device={spec!r} is not supported; use {DEVICES}.")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters (the CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 sums can run: ``device`` itself, or the CPU for MPS."""
+    return torch.device("cpu") if device.type == "mps" else device
