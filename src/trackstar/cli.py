@@ -71,7 +71,7 @@ def cmd_pretrain(args, world: Path | None = None) -> Path:
     root = _artifacts_root(args.artifacts)
     # The same lock and thread count as a sweep job's pretraining stage.
     with stage_lock(root, f"model-{out.parent.name}-{out.name}"), compute_stage(root):
-        pretrain_model(world, out, config)
+        pretrain_model(world, out, config, device=args.device)
     summary = read_json(out / "pretrain.json")
     print(
         f"model {config.family}-{config.size} ({summary['n_parameters']:,} parameters, "
@@ -113,6 +113,7 @@ def cmd_quick(args) -> None:
             f"model.family={args.family}", f"model.optimizer={args.optimizer}", f"model.seed={args.model_seed}",
             *([f"model.epochs={args.epochs}"] if args.epochs is not None else []),
             *([f"model={args.size}"] if name != "figure2_scale" else []),
+            f"device={args.device}",
             *args.override,
         ]
         print(f"\n== {name}: {' '.join(cmd[2:])}", flush=True)
@@ -147,14 +148,18 @@ def cmd_sanity(args) -> None:
 
 def cmd_run(args) -> None:
     """One cell (world, model, method, corpus) through the same function as trackstar-run."""
-    from .experiment.cell import compose_config, run_cell
+    from .experiment.cell import compose_config, extract_shard, run_cell
 
     overrides = list(args.override)
     if args.artifacts:
         overrides.append(f"artifacts_dir={args.artifacts}")
     elif os.environ.get("TRACKSTAR_ARTIFACTS"):
         overrides.append(f"artifacts_dir={os.environ['TRACKSTAR_ARTIFACTS']}")
-    record = run_cell(compose_config(overrides))
+    cfg = compose_config(overrides)
+    if cfg.shard.index is not None:  # the map step of a sharded run
+        extract_shard(cfg)
+        return
+    record = run_cell(cfg)
     for name, stats in record.metrics.items():
         print(f"  {name:<22} {stats['mean']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]")
 
@@ -217,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--optimizer", default="adafactor", choices=list(OPTIMIZERS))
         p.add_argument("--model-seed", type=int, default=0, help="model initialization and data-order seed")
         p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
+        p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 
     p = sub.add_parser("world", parents=[common], help="build (or reuse) an embedded fact world")
     world_args(p, "tiny")

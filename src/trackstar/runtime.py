@@ -8,14 +8,16 @@ would fix them for all. :func:`compute_stage` therefore runs every numeric
 stage with one thread count, ``stage_threads`` (default: every core this
 process may use), whatever the launcher gave the job; at most
 ``cores // stage_threads`` such stages run at once on a machine (a file-lock
-semaphore under ``artifacts_dir/locks``), so parallel jobs wait for a slot
-instead of oversubscribing the cores.
+semaphore under ``artifacts_dir/locks``, named by the host, so jobs on other
+nodes of a cluster sharing the directory do not wait for it), so parallel jobs
+wait for a slot instead of oversubscribing the cores.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,9 +54,10 @@ def compute_stage(artifacts: str | os.PathLike, threads: int | None = None) -> I
     slots = max(1, available_cores() // n)
     locks = Path(artifacts) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname()) or "host"
     held = None
     for i in range(slots):  # the first free slot
-        lock = FileLock(str(locks / f"compute-{i}.lock"))
+        lock = FileLock(str(locks / f"compute-{host}-{i}.lock"))
         try:
             lock.acquire(timeout=0)
             held = lock
@@ -62,7 +65,7 @@ def compute_stage(artifacts: str | os.PathLike, threads: int | None = None) -> I
         except Timeout:
             continue
     if held is None:  # all busy: wait for one (spread over the slots by pid)
-        held = FileLock(str(locks / f"compute-{os.getpid() % slots}.lock"))
+        held = FileLock(str(locks / f"compute-{host}-{os.getpid() % slots}.lock"))
         held.acquire()
     before = torch.get_num_threads()
     torch.set_num_threads(n)

@@ -54,7 +54,7 @@ _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.ui
 IDENTITY_KEYS = (
     "model_id", "model_hash", "param_names", "layout", "d", "seed", "projection",
     "v_source", "use_v", "adam_mode", "output_fn", "reduction", "dtype", "kind",
-    "row_ids", "examples_hash", "n_rows", "format",
+    "row_ids", "examples_hash", "n_rows", "format", "model_dtype",
 )
 
 
@@ -82,6 +82,7 @@ def compare_meta(found: dict, expected: dict, where: Path, keys=IDENTITY_KEYS) -
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    x = x.detach().cpu()
     if dtype == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return x.to(getattr(torch, dtype)).numpy()
@@ -301,6 +302,128 @@ class FeatureStore:
         """Stream the finished rows as float32 (start, tensor) chunks."""
         for start in range(0, self.rows_done, chunk_rows):
             yield start, self.rows(start, min(start + chunk_rows, self.rows_done))
+
+
+# --- sharded stores --------------------------------------------------------------------------
+
+SHARDS_FILE = "shards.json"
+
+
+def shard_bounds(n_rows: int, count: int) -> list[tuple[int, int]]:
+    """The contiguous row range [start, stop) of each of ``count`` shards (sizes differ by ≤ 1)."""
+    return [(i * n_rows // count, (i + 1) * n_rows // count) for i in range(count)]
+
+
+def shard_dir(path: Path, index: int, count: int) -> Path:
+    return Path(path) / f"shard-{index:04d}-of-{count:04d}"
+
+
+def check_shard(index: int, count: int, what: str = "shard") -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{what} count={count!r}: give a positive number of shards.")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(f"{what} index={index!r} is out of range for {count} shard(s): use 0 to {count - 1}.")
+
+
+def create_shard(path, meta: dict, index: int, count: int) -> FeatureStore:
+    """Start (or resume, or return the finished) shard ``index`` of ``count`` of the store at ``path``.
+
+    The store's ``meta.json`` holds the settings of all its rows; each shard is a
+    store of its own contiguous row range, so N jobs can write one store at once.
+    """
+    check_shard(index, count)
+    path = Path(path)
+    meta = dict(meta, format=1, n_rows=len(meta["row_ids"]))
+    path.mkdir(parents=True, exist_ok=True)
+    meta_file = path / "meta.json"
+    if meta_file.exists():
+        compare_meta(read_json(meta_file), meta, meta_file)
+    else:
+        atomic_write_json(meta_file, meta)
+    layout = path / SHARDS_FILE
+    if layout.exists():
+        found = read_json(layout)["count"]
+        if found != count:
+            raise ArtifactError(
+                f"Feature store {str(path)!r} is being written as {found} shards, not {count}. Use "
+                f"shard count {found}, or delete the store to start over with {count}."
+            )
+    else:
+        atomic_write_json(layout, {"count": count})
+    start, stop = shard_bounds(meta["n_rows"], count)[index]
+    shard_meta = dict(meta, row_ids=meta["row_ids"][start:stop],
+                      shard={"index": index, "count": count, "start": start, "stop": stop})
+    return FeatureStore.create(shard_dir(path, index, count), shard_meta)
+
+
+def missing_shards(path) -> list[int]:
+    """The shards of a sharded store that are not finished (all of them if none started)."""
+    count = read_json(Path(path) / SHARDS_FILE)["count"]
+    return [i for i in range(count) if not is_complete(shard_dir(path, i, count))]
+
+
+class ShardedFeatureStore:
+    """The finished shards of one store, read as one (rows in order, global row numbers)."""
+
+    def __init__(self, path: Path, meta: dict, shards: list[FeatureStore]):
+        self.path = path
+        self.meta = meta
+        self.shards = shards
+        self.rows_done = sum(s.n_rows for s in shards)
+
+    n_rows = FeatureStore.n_rows
+    d = FeatureStore.d
+    dtype = FeatureStore.dtype
+    row_ids = FeatureStore.row_ids
+    layer_slices = FeatureStore.layer_slices
+
+    @property
+    def complete(self) -> bool:
+        return True
+
+    @property
+    def offsets(self) -> list[int]:
+        return [s.meta["shard"]["start"] for s in self.shards]
+
+    def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        stop = self.n_rows if stop is None else stop
+        parts = [s.rows(max(start - o, 0), min(stop - o, s.n_rows))
+                 for o, s in zip(self.offsets, self.shards) if o < stop and o + s.n_rows > start]
+        return torch.cat(parts) if parts else torch.empty((0, self.d))
+
+    def chunks(self, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for offset, shard in zip(self.offsets, self.shards):
+            for start, rows in shard.chunks(chunk_rows):
+                yield offset + start, rows
+
+
+def open_store(path, expected: dict | None = None):
+    """A finished store, whether written by one job (:class:`FeatureStore`) or by shards
+    (:class:`ShardedFeatureStore`); an unfinished shard is an error naming it."""
+    path = Path(path)
+    if is_complete(path) or not (path / SHARDS_FILE).exists():
+        return FeatureStore.open(path, expected)
+    meta = read_json(path / "meta.json")
+    if expected is not None:
+        compare_meta(meta, dict(expected, format=1, n_rows=len(expected["row_ids"])), path / "meta.json")
+    count = read_json(path / SHARDS_FILE)["count"]
+    missing = missing_shards(path)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" …" if len(missing) > 10 else "")
+        raise ArtifactError(
+            f"Feature store {str(path)!r} is written as {count} shards and shard(s) {shown} are not "
+            f"finished. Run the extraction of each (e.g. `trackstar-run ... shard.count={count} "
+            f"shard.index={missing[0]}`, or all of them with shard.index={','.join(map(str, missing[:3]))}"
+            f"{',...' if len(missing) > 3 else ''} under -m); a killed shard job resumes."
+        )
+    shards = [FeatureStore.open(shard_dir(path, i, count)) for i in range(count)]
+    for i, shard in enumerate(shards):
+        compare_meta(shard.meta, {k: v for k, v in meta.items() if k not in ("row_ids", "n_rows")},
+                     shard.path / "meta.json", [k for k in IDENTITY_KEYS if k not in ("row_ids", "n_rows")])
+        start, stop = shard_bounds(meta["n_rows"], count)[i]
+        if shard.meta.get("shard", {}).get("start") != start or shard.n_rows != stop - start:
+            raise ArtifactError(f"Shard {str(shard.path)!r} does not hold rows {start}-{stop} of its store. {REBUILD_HINT}")
+    return ShardedFeatureStore(path, meta, shards)
 
 
 # Keys on which a training store and a query store must agree to be scored

@@ -39,7 +39,7 @@ from .stages import (
 log = logging.getLogger("trackstar")
 
 #: Keys that do not change a run's results (left out of its identity).
-RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table", "stage_threads")
+RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table", "stage_threads", "device", "shard")
 
 
 class ConfigError(ValueError):
@@ -92,6 +92,8 @@ def validate(cfg: DictConfig):
     from ..lm.models import check_family, check_size
     from ..lm.optim import check_optimizer
     from ..retrieval import get_retriever, retriever_class
+    from ..attribution.store import check_shard
+    from ..device import resolve_device
     from ..runtime import stage_threads
     from ..world import get_profile
     from ..world.store import check_seed
@@ -121,6 +123,12 @@ def validate(cfg: DictConfig):
             raise ValueError(f"eval.k={cfg.eval.k} is smaller than max(eval.tail_patch_ks)={max(cfg.eval.tail_patch_ks)}; raise k.")
         resolve_mode(cfg.logger.mode)
         stage_threads(cfg.stage_threads)
+        resolve_device(cfg.device)
+        if cfg.shard.count != 1 or cfg.shard.index is not None:
+            check_shard(0 if cfg.shard.index is None else cfg.shard.index, cfg.shard.count, "shard")
+            if retriever.family != "gradient":
+                raise ValueError(f"shard.count={cfg.shard.count}: sharding splits gradient feature extraction; "
+                                 f"method {cfg.method.name!r} has none. Leave shard unset for it.")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return retriever
@@ -148,16 +156,59 @@ def _stage_dir_name(checkpoint_id: str) -> str:
     return checkpoint_id.replace("/", "__").replace(":", "_")
 
 
+def _model(cfg: DictConfig, artifacts: Path, world_path: Path, device):
+    """(checkpoint on ``device``, its directory or None for a Hugging Face model, its id),
+    pretraining our own model first if it is not there yet."""
+    from ..lm import load_checkpoint, load_hf_causal_lm
+
+    if cfg.model.hf_name_or_path:
+        return load_hf_causal_lm(cfg.model.hf_name_or_path, device=device), None, f"hf:{cfg.model.hf_name_or_path}"
+    model_run = pretrain_stage(artifacts, world_path, cfg.model, progress=cfg.progress, threads=cfg.stage_threads,
+                               device=device)
+    ckpt_path = checkpoint_path(model_run, cfg.model.checkpoint)
+    return load_checkpoint(ckpt_path, device=device), ckpt_path, f"{model_run.name}/{ckpt_path.name}"
+
+
+def extract_shard(cfg: DictConfig) -> Path:
+    """The map step of a sharded run (``shard.index`` set): one shard of the training
+    features and its part of R_train, into the cell's shared feature directory.
+    Writes no run record; the run with ``shard.count`` and no index scores."""
+    from ..device import resolve_device
+    from ..retrieval import RetrievalTask
+    from ..runtime import compute_stage
+    from ..world import load_world
+
+    retriever = validate(cfg)
+    if cfg.shard.index is None:
+        raise ConfigError("extract_shard needs shard.index (0 to shard.count - 1).")
+    device = resolve_device(cfg.device)
+    artifacts = ensure_writable_dir(cfg.artifacts_dir, "artifacts_dir")
+    world_path = build_world_stage(artifacts, cfg.world)
+    world = load_world(world_path)
+    checkpoint, _, ckpt_id = _model(cfg, artifacts, world_path, device)
+    features = features_dir(artifacts, _stage_dir_name(ckpt_id), cfg.eval.corpus)
+    task = RetrievalTask(world, cfg.eval.corpus, [], cfg.eval.k, checkpoint, features, device, cfg.shard.count)
+    t = time.perf_counter()
+    with compute_stage(artifacts, cfg.stage_threads):
+        shard = retriever.extract_shard(task, cfg.shard.index)
+    start, stop = shard.meta["shard"]["start"], shard.meta["shard"]["stop"]
+    print(f"[shard {cfg.shard.index}/{cfg.shard.count}] rows {start}-{stop} in {shard.path} "
+          f"({time.perf_counter() - t:.1f}s)")
+    return shard.path
+
+
 def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], object]:
     """The stages of one cell; fills ``record`` and returns (retrievals, per-query metrics)."""
     from ..evaluation.fact_tracing import evaluate, metric_columns
     from ..evaluation.splits import metric_summary
-    from ..lm import evaluate_queries, load_checkpoint, load_hf_causal_lm
+    from ..lm import evaluate_queries
     from ..retrieval import RetrievalTask, run
     from ..world import load_world
 
+    from ..device import resolve_device
     from ..runtime import compute_stage
 
+    device = resolve_device(cfg.device)
     artifacts = Path(cfg.artifacts_dir)
     timings = record.timings
 
@@ -170,16 +221,11 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
     timings["world"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if cfg.model.hf_name_or_path:
-        checkpoint = load_hf_causal_lm(cfg.model.hf_name_or_path)
-        ckpt_path, ckpt_id = None, f"hf:{cfg.model.hf_name_or_path}"
+    checkpoint, ckpt_path, ckpt_id = _model(cfg, artifacts, world_path, device)
+    if ckpt_path is None:
         with numeric():
             query_eval = evaluate_queries(checkpoint.model, checkpoint.tokenizer, world.queries)
     else:
-        model_run = pretrain_stage(artifacts, world_path, cfg.model, progress=cfg.progress, threads=cfg.stage_threads)
-        ckpt_path = checkpoint_path(model_run, cfg.model.checkpoint)
-        checkpoint = load_checkpoint(ckpt_path)
-        ckpt_id = f"{model_run.name}/{ckpt_path.name}"
         query_eval = read_jsonl(ckpt_path / "query_eval.jsonl")
     timings["model"] = time.perf_counter() - t
 
@@ -193,7 +239,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
                         cfg.eval.k, cfg.eval.n_queries)
     features = features_dir(artifacts, _stage_dir_name(ckpt_id), cfg.eval.corpus)
     task = RetrievalTask(world, cfg.eval.corpus, queries, cfg.eval.k, checkpoint if gradient else None,
-                         features if gradient else None)
+                         features if gradient else None, device, cfg.shard.count)
 
     def compute():
         if not gradient:
@@ -229,6 +275,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
         "checkpoint": {"id": ckpt_id, "path": str(ckpt_path) if ckpt_path else None,
                        "hash": sha256_file(weights) if weights and weights.is_file() else None},
         "retrievals": {"key": key, "path": str(artifacts / "retrievals" / key)},
+        "device": str(device),
     }
     return retrievals, per_query
 

@@ -3,6 +3,8 @@
     trackstar-run method=bm25 eval=open
     trackstar-run -m method=trackstar method.lam=0.5,0.9,auto
     trackstar-run -m --config-dir sweeps --config-name table1
+    trackstar-run -m method=trackstar shard.count=3 shard.index=0,1,2   # sharded extraction (map)
+    trackstar-run method=trackstar shard.count=3                        # ... then scoring (reduce)
 
 Hydra composes the config, picks the run directory and launches the jobs of a
 multirun (sequentially, or in parallel with ``hydra/launcher=parallel``).
@@ -19,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ..errors import debug_requested, describe_error
-from .cell import ConfigError, run_cell
+from .cell import ConfigError, extract_shard, run_cell
 from .record import ATTEMPTS_DIR
 
 
@@ -29,8 +31,13 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     multirun = hc.mode == RunMode.MULTIRUN
     group = f"{cfg.table}:{Path(hc.sweep.dir).name}" if multirun else cfg.table
+    if multirun and cfg.device == "auto":
+        cfg.device = job_device(hc.job.num)
     run_dir = Path(hc.runtime.output_dir)
     try:
+        if cfg.shard.index is not None:  # the map step of a sharded run: features only, no record
+            extract_shard(cfg)
+            return
         run_cell(cfg, run_dir, multirun=multirun, wandb_group=group)
     except ConfigError as exc:
         raise SystemExit(f"trackstar-run: invalid config: {exc}") from None
@@ -41,6 +48,16 @@ def main(cfg: DictConfig) -> None:
         where = (f"\n  this attempt's record, with the traceback, is in {attempts}/ (HYDRA_FULL_ERROR=1 shows it here)"
                  if attempts.is_dir() else "")
         raise SystemExit(f"trackstar-run: error: {describe_error(exc)}{where}") from None
+
+
+def job_device(job_num: int) -> str:
+    """``auto`` for job ``job_num`` of a multirun: with several GPUs visible, job n takes
+    GPU n mod count (parallel jobs on one machine each get their own); else ``auto``.
+    Under SLURM each job sees only the GPU it was given, so this is ``cuda:0`` there."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"cuda:{job_num % count}" if count > 1 else "auto"
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class MethodConf:
     damping: float = 0.1
     block_diagonal: bool = False
     batch_size: int = 16
+    #: The model's forward and backward during extraction: null (float32),
+    #: bfloat16 or float16 mixed precision (see the README for what it costs).
+    model_dtype: Optional[str] = None
     #: The retriever's own options (checked by it): e.g. ``options.model`` for
     #: ``dense``, ``options.k1``/``options.b`` for ``bm25``, or any further
     #: attribution setting for a gradient row (``options.adam_mode=rank1``).
@@ -89,12 +92,24 @@ class LoggerConf:
 
 
 @dataclass
+class ShardConf:
+    #: Training features written by ``count`` jobs, each owning a contiguous row
+    #: range. A job with ``index`` set extracts that shard (the map) and writes no
+    #: run record; a job without it scores (the reduce) once every shard is done:
+    #:   trackstar-run -m method=trackstar shard.count=3 shard.index=0,1,2
+    #:   trackstar-run method=trackstar shard.count=3
+    index: Optional[int] = None
+    count: int = 1
+
+
+@dataclass
 class TrackStarConfig:
     world: WorldConf = field(default_factory=WorldConf)
     model: ModelConf = field(default_factory=ModelConf)
     method: MethodConf = field(default_factory=MethodConf)
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
+    shard: ShardConf = field(default_factory=ShardConf)
     #: Which paper table or figure this run belongs to (a W&B tag and the
     #: aggregation key); ``adhoc`` for single runs.
     table: str = "adhoc"
@@ -109,6 +124,10 @@ class TrackStarConfig:
     #: the launcher gives a job, so results do not depend on it; null: all cores.
     #: Stages run at most cores // stage_threads at a time (see trackstar.runtime).
     stage_threads: Optional[int] = None
+    #: Where models train and attribution computes: auto (CUDA when present,
+    #: else the CPU), cpu, cuda, cuda:N or mps. Results agree across devices to
+    #: float tolerance; the device is recorded, not part of a run's identity.
+    device: str = "auto"
 
 
 def register() -> None:

@@ -73,7 +73,8 @@ def build_world_stage(artifacts: Path, world_cfg) -> Path:
         return build_world(path, world_cfg.profile, world_cfg.seed)
 
 
-def pretrain_stage(artifacts: Path, world: Path, model_cfg, progress: bool = True, threads: int | None = None) -> Path:
+def pretrain_stage(artifacts: Path, world: Path, model_cfg, progress: bool = True, threads: int | None = None,
+                   device=None) -> Path:
     """The pretrained run directory (trained now if missing, resumed if killed), trained
     with ``threads`` whatever the job's own thread count (see :mod:`trackstar.runtime`)."""
     from ..lm.pretrain import pretrain_model
@@ -82,7 +83,7 @@ def pretrain_stage(artifacts: Path, world: Path, model_cfg, progress: bool = Tru
     config = pretrain_config(model_cfg)
     out = model_dir(artifacts, world, config)
     with stage_lock(artifacts, f"model-{out.parent.name}-{out.name}"), compute_stage(artifacts, threads):
-        pretrain_model(world, out, config, progress=progress)
+        pretrain_model(world, out, config, progress=progress, device=device)
     return out
 
 

@@ -73,18 +73,24 @@ class GradientRetriever(Retriever):
         except ValueError as exc:
             raise ValueError(f"method.d={s.d}: {exc}") from None
 
-    def retrieve(self, task: RetrievalTask) -> tuple[list[dict], dict]:
+    def _engine(self, task: RetrievalTask):
         from ..attribution.api import TrackStar
 
-        corpus = Corpus.from_world(task.world, task.corpus)
-        settings = self.attribution.replace(k=task.k)
         checkpoint = task.checkpoint
-        engine = TrackStar(checkpoint.model, checkpoint.tokenizer, settings, optimizer=checkpoint.optimizer,
-                           work_dir=task.work_dir)
-        result = engine.attribute(
+        return TrackStar(checkpoint.model, checkpoint.tokenizer, self.attribution.replace(k=task.k),
+                         optimizer=checkpoint.optimizer, work_dir=task.work_dir, device=task.device)
+
+    def extract_shard(self, task: RetrievalTask, index: int):
+        """Shard ``index`` of ``task.shards`` of the corpus's training features (a map job)."""
+        corpus = Corpus.from_world(task.world, task.corpus)
+        return self._engine(task).extract_shard(corpus.texts, index, task.shards, train_ids=corpus.ids)
+
+    def retrieve(self, task: RetrievalTask) -> tuple[list[dict], dict]:
+        corpus = Corpus.from_world(task.world, task.corpus)
+        result = self._engine(task).attribute(
             corpus.texts,
             [{"prompt": q["prompt"], "target": q["target"], "id": q["example_id"]} for q in task.queries],
-            train_ids=corpus.ids,
+            train_ids=corpus.ids, shards=task.shards,
         )
         info = {"lambda": result.lam, "v_source": result.v_source, "settings": self.settings,
                 "train_store": str(result.train_store), "query_store": str(result.query_store)}

@@ -46,6 +46,11 @@ class RetrievalTask:
     #: Where a retriever may keep its own reusable artifacts (feature stores,
     #: curvature); None uses a temporary directory.
     work_dir: Path | None = None
+    #: Where a retriever computes (a torch.device); None: its own default.
+    device: Any = None
+    #: Shards the training features are written in (by jobs of their own; see
+    #: :meth:`~trackstar.retrieval.gradient.GradientRetriever.extract_shard`).
+    shards: int = 1
 
 
 class Retriever(ABC):
