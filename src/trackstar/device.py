@@ -56,3 +56,20 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def float64_device(device: torch.device) -> torch.device:
     """Where float64 sums can run: ``device`` itself, or the CPU for MPS."""
     return torch.device("cpu") if device.type == "mps" else device
+
+
+def check_model_dtype(dtype: str, device: torch.device) -> None:
+    """Refuse a mixed-precision dtype the device cannot compute in."""
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"model_dtype=bfloat16, but {torch.cuda.get_device_name(device)} has no bfloat16 "
+                          "support; use float16 (with care: see the README) or float32.")
+    if dtype == "bfloat16" and device.type == "mps" and not _mps_bf16():
+        raise DeviceError("model_dtype=bfloat16 is not supported by MPS on this macOS; use float16 or float32.")
+
+
+def _mps_bf16() -> bool:
+    try:
+        torch.ones(1, device="mps", dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, TypeError):
+        return False

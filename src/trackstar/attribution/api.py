@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import check_model_dtype
 from ..io import ArtifactError, config_hash, is_complete
 from .curvature import CurvatureCache, Whitening, auto_lambda, mix
 from .features import FeatureExtractor, extract_to_store
@@ -90,6 +91,7 @@ class TrackStar:
             model.to(resolve_device(device))
         #: Where features, V and scores are computed: the model's device.
         self.device = model_device(model)
+        check_model_dtype(settings.model_dtype, self.device)
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings

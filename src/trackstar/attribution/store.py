@@ -25,8 +25,10 @@ metadata differs from the expected settings raises
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import mmap
 import shutil
 import zlib
 from collections.abc import Iterator
@@ -94,6 +96,24 @@ def from_storage(x: np.ndarray, dtype: str) -> torch.Tensor:
     if x.dtype == np.float32 and x.flags.writeable:
         return torch.from_numpy(x)
     return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def _release(array: np.ndarray, start: int, stop: int) -> None:
+    """Drop the pages of rows [start, stop) of a memory-mapped array from this process.
+
+    They are on disk (written and flushed, or never modified), so a later read
+    maps them again; without this, every row streamed or written stays resident
+    and a process's memory grows with N.
+    """
+    mm = getattr(array, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED") or stop <= start:
+        return
+    row = array.shape[1] * array.itemsize
+    base = array.offset % mmap.ALLOCATIONGRANULARITY  # where the data starts inside the mapping
+    lo, hi = base + start * row, base + stop * row
+    lo -= lo % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _crc(block: np.ndarray) -> int:
@@ -267,6 +287,7 @@ class FeatureStore:
         data = to_storage(rows, self.dtype)
         self.array[start:stop] = data
         self.array.flush()
+        _release(self.array, start, stop)
         self.chunk_crcs.append((start, stop, _crc(data)))
         atomic_write_json(self.path / "progress.json",
                           {"rows_done": stop, "chunks": [list(c) for c in self.chunk_crcs]})
@@ -299,9 +320,15 @@ class FeatureStore:
         return from_storage(self.array[start:stop], self.dtype)
 
     def chunks(self, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Stream the finished rows as float32 (start, tensor) chunks."""
+        """Stream the finished rows as float32 (start, tensor) chunks, each the caller's own
+        copy: the mapped pages are released as they go, so memory stays flat in N."""
         for start in range(0, self.rows_done, chunk_rows):
-            yield start, self.rows(start, min(start + chunk_rows, self.rows_done))
+            stop = min(start + chunk_rows, self.rows_done)
+            rows = self.rows(start, stop)
+            if self.dtype == "float32":  # a view of the mapping: copy before releasing its pages
+                rows = rows.clone()
+            _release(self.array, start, stop)
+            yield start, rows
 
 
 # --- sharded stores --------------------------------------------------------------------------
