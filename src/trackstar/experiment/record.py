@@ -151,6 +151,9 @@ class RunRecord:
             "checkpoint": self.model.get("checkpoint"),
             "hf_name_or_path": self.model.get("hf_name_or_path"),
             "lam_used": self.info.get("lambda"),
+            "lam_default": self.info.get("lambda_default"),
+            "confidence": self.eval.get("confidence"),
+            "bootstrap_resamples": self.eval.get("bootstrap_resamples"),
         }
         row.update({k: v for k, v in self.method.settings.items() if k not in row})
         row.update(self.flat_metrics())

@@ -92,7 +92,8 @@ class GradientRetriever(Retriever):
             [{"prompt": q["prompt"], "target": q["target"], "id": q["example_id"]} for q in task.queries],
             train_ids=corpus.ids, shards=task.shards,
         )
-        info = {"lambda": result.lam, "v_source": result.v_source, "settings": self.settings,
+        info = {"lambda": result.lam, "lambda_default": DEFAULT_LAMBDA[task.corpus],
+                "v_source": result.v_source, "settings": self.settings,
                 "train_store": str(result.train_store), "query_store": str(result.query_store)}
         records = [
             retrieval_record(q, corpus, pids, pscores, oids, oscores)

@@ -24,6 +24,7 @@ from ..experiment.record import now
 from ..io import ArtifactError, atomic_write_text, ensure_writable_dir
 from .aggregate import SOURCES, TABLES
 from .figures import figure2, figure2_frame, plot_figure2
+from .paired import paired_table
 from .render import table_provenance, to_markdown, write_table
 from .runs import RunSet, TablesError, check_commits, describe_commits, load_local_runs, load_wandb_runs
 
@@ -94,6 +95,11 @@ def generate(args: argparse.Namespace, command: str) -> int:
             write_table(table, out, table_provenance(table, command, runs.source, runs.commits), generated)
             print(to_markdown(table))
             made.append((name, table))
+            paired = paired_table(table)
+            if paired is not None:
+                write_table(paired, out, table_provenance(paired, command, runs.source, runs.commits), generated)
+                print(to_markdown(paired))
+                made.append((paired.name, paired))
     write_index(out, made, skipped, runs, command, generated)
     print(f"wrote {len(made)} table(s)/figure(s) to {out}", file=sys.stderr)
     return 0

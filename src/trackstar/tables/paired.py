@@ -1,0 +1,109 @@
+"""Paired comparisons: each row's difference from a reference row, over the same queries.
+
+Whether one method beats another is a paired question: every run of a table
+scores the same queries, so the difference of their per-query metrics has a
+far tighter interval than the two marginal intervals suggest. For each row and
+each reference (TrackStar and BM25 in the method tables; the default TrackStar
+row in the ablation tables), the companion table ``<name>_paired`` gives the
+mean per-query difference (row minus reference) with a percentile-bootstrap
+interval over queries (the runs' own resamples and confidence, seed 0),
+computed from the ``per_query.csv`` each run record keeps. Queries are those
+the table's means are over (with a gold sentence, in the closed set), matched
+by ``example_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..experiment.record import PER_QUERY_FILE
+from .aggregate import Column, PaperTable, label_column
+
+PER_QUERY_CACHE: dict[str, pd.DataFrame] = {}
+
+#: Per table: the reference rows, as (label, predicate on a table row).
+METHOD_REFERENCES = (("TrackStar", lambda r: r["method"] == "trackstar"), ("BM25", lambda r: r["method"] == "bm25"))
+REFERENCES: dict[str, tuple[tuple[str, Callable[[pd.Series], bool]], ...]] = {
+    "table1": METHOD_REFERENCES,
+    "table2": METHOD_REFERENCES,
+    "table_a6": METHOD_REFERENCES,
+    "table_a3": (("loss", lambda r: r["output_fn"] == "loss"),),
+    "table_a4": (("d=4096", lambda r: r["projection"] == "gaussian" and int(r["d"]) == 4096),),
+    "table_a5": (("TrackStar", lambda r: bool(r["use_v"]) and r["curvature"] == "mix" and bool(r["unit_norm"])
+                  and str(r["lam"]) == str(r.get("lam_default"))),),
+}
+
+
+def per_query(run: str) -> pd.DataFrame | None:
+    """The per-query metrics of a local run (None for a W&B run or a run without them)."""
+    if run not in PER_QUERY_CACHE:
+        path = Path(run) / PER_QUERY_FILE
+        if run.startswith("wandb:") or not path.is_file():
+            return None
+        frame = pd.read_csv(path)
+        if "has_trex_sentence" in frame:
+            frame = frame[frame["has_trex_sentence"].astype(bool)]
+        PER_QUERY_CACHE[run] = frame.set_index("example_id")
+    return PER_QUERY_CACHE[run]
+
+
+def paired_difference(a: pd.Series, b: pd.Series, confidence: float, resamples: int) -> dict:
+    """Mean of a − b over the queries both have, with its percentile-bootstrap interval."""
+    both = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
+    diff = (both["a"] - both["b"]).to_numpy(dtype=float)
+    if len(diff) == 0:
+        return {"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0}
+    if len(diff) == 1 or np.all(diff == diff[0]):
+        return {"mean": float(diff.mean()), "ci_low": float(diff[0]), "ci_high": float(diff[0]), "n": len(diff)}
+    res = stats.bootstrap((diff,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                          method="percentile", rng=np.random.default_rng(0))
+    return {"mean": float(diff.mean()), "ci_low": float(res.confidence_interval.low),
+            "ci_high": float(res.confidence_interval.high), "n": len(diff)}
+
+
+def paired_table(table: PaperTable) -> PaperTable | None:
+    """The companion table of ``table`` (None when it has no reference row or no per-query data)."""
+    references = REFERENCES.get(table.name)
+    if not references:
+        return None
+    rows = table.rows
+    frames = {run: per_query(run) for run in rows["run"]}
+    if any(f is None for f in frames.values()):  # W&B runs, or records without per-query metrics
+        return None
+    out = rows.copy()
+    columns: list[Column] = []
+    for ref_label, is_ref in references:
+        matches = [i for i, (_, r) in enumerate(rows.iterrows()) if is_ref(r)]
+        if len(matches) != 1:
+            continue
+        ref = rows.iloc[matches[0]]
+        for c in table.columns:
+            key = f"paired/{ref_label}/{c.key}"
+            columns.append(Column(f"Δ {c.header} vs {ref_label}", key))
+            stats_ = []
+            for _, r in rows.iterrows():
+                same = r["run"] == ref["run"]
+                a, b = frames[r["run"]], frames[ref["run"]]
+                if same or c.key not in a or c.key not in b:
+                    stats_.append({"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0})
+                else:
+                    stats_.append(paired_difference(a[c.key], b[c.key], float(r.get("confidence") or 0.95),
+                                                    int(r.get("bootstrap_resamples") or 1000)))
+            out[key] = [s["mean"] for s in stats_]
+            for part in ("ci_low", "ci_high", "n"):
+                out[f"{key}/{part}"] = [s[part] for s in stats_]
+    if not columns:
+        return None
+    title = f"{table.title}: paired differences (row − reference, same queries, 95% bootstrap)"
+    note = ("Each cell is the mean over queries of the row's metric minus the reference row's, with a "
+            "percentile-bootstrap interval over queries; an interval that excludes 0 is a difference "
+            "these queries support. — marks the reference itself.")
+    return PaperTable(f"{table.name}_paired", title, table.labels, columns,
+                      out[[label_column(h) for h in table.labels] + ["run", "git_commit"]
+                          + [k for c in columns for k in (c.key, f"{c.key}/ci_low", f"{c.key}/ci_high", f"{c.key}/n")]],
+                      note, table.superseded)
