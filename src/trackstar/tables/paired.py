@@ -99,7 +99,9 @@ def paired_table(table: PaperTable) -> PaperTable | None:
                 out[f"{key}/{part}"] = [s[part] for s in stats_]
     if not columns:
         return None
-    title = f"{table.title}: paired differences (row − reference, same queries, 95% bootstrap)"
+    levels = sorted({float(c) for c in rows.get("confidence", pd.Series(dtype=float)).dropna()}) or [0.95]
+    level = "/".join(f"{c:.0%}" for c in levels)
+    title = f"{table.title}: paired differences (row − reference, same queries, {level} bootstrap)"
     note = ("Each cell is the mean over queries of the row's metric minus the reference row's, with a "
             "percentile-bootstrap interval over queries; an interval that excludes 0 is a difference "
             "these queries support. — marks the reference itself.")
