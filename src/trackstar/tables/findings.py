@@ -1,0 +1,121 @@
+"""``findings.md``: the paper's claims checked on our runs, each with its paired intervals.
+
+A claim about "method A beats method B" is judged on the paired difference
+over the same queries (:mod:`.paired`): it **holds** when every comparison it
+makes has an interval on the claimed side of 0, **does not hold** when some
+comparison has its interval on the other side, and is **inconclusive**
+otherwise. Claims whose runs are missing are listed as not checked, with the
+sweep that would check them. Verdicts are computed, never edited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .aggregate import PaperTable, label_column
+
+HOLDS, FAILS, INCONCLUSIVE, UNCHECKED = "holds", "does not hold", "inconclusive", "not checked"
+
+
+@dataclass
+class Comparison:
+    """``row`` minus ``reference`` on ``metric`` in ``table``; ``sign`` +1 if the claim is row > reference."""
+
+    table: str
+    row: str
+    reference: str
+    metric: str
+    sign: int
+
+
+@dataclass
+class Finding:
+    claim: str
+    verdict: str
+    evidence: list[str]
+
+
+def _cell(paired: dict[str, PaperTable], c: Comparison) -> tuple[float, float, float] | None:
+    table = paired.get(f"{c.table}_paired")
+    if table is None:
+        return None
+    key = f"paired/{c.reference}/{c.metric}"
+    rows = table.rows[table.rows[label_column(table.labels[0])] == c.row]
+    if key not in table.rows or rows.empty or pd.isna(rows.iloc[0][key]):
+        return None
+    r = rows.iloc[0]
+    return float(r[key]), float(r[f"{key}/ci_low"]), float(r[f"{key}/ci_high"])
+
+
+def judge(claim: str, comparisons: Sequence[Comparison], paired: dict[str, PaperTable], missing_hint: str) -> Finding:
+    evidence, sides = [], []
+    for c in comparisons:
+        cell = _cell(paired, c)
+        if cell is None:
+            continue
+        mean, low, high = cell
+        side = 1 if low > 0 else (-1 if high < 0 else 0)
+        sides.append(side * c.sign)
+        want = ">" if c.sign > 0 else "<"
+        evidence.append(f"{c.table}: {c.row} − {c.reference}, {c.metric}: {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
+                        f"(claim: {want} 0)")
+    if not sides:
+        return Finding(claim, UNCHECKED, [missing_hint])
+    verdict = HOLDS if all(s > 0 for s in sides) else (FAILS if any(s < 0 for s in sides) else INCONCLUSIVE)
+    return Finding(claim, verdict, evidence)
+
+
+def _rows(paired: dict[str, PaperTable], table: str) -> list[str]:
+    t = paired.get(f"{table}_paired")
+    return [] if t is None else list(t.rows[label_column(t.labels[0])])
+
+
+def findings(paired: dict[str, PaperTable]) -> list[Finding]:
+    """The paper's claims (ICLR 2025, §5–6 and the appendix ablations) on the paired tables at hand."""
+    out = []
+    gradient = [r for r in _rows(paired, "table1") if r not in ("BM25", "TrackStar") and not r.startswith("Dense")]
+    for table in ("table1", "table2"):
+        others = [r for r in _rows(paired, table) if r != "TrackStar"]
+        out.append(judge(
+            f"({'a' if table == 'table1' else 'a′'}) TrackStar's proponents have the highest tail-patch@10 "
+            f"({'closed' if table == 'table1' else 'open'} set)",
+            [Comparison(table, r, "TrackStar", "tail_patch@10", -1) for r in others], paired,
+            f"needs the {table} sweep with per-query records"))
+    for metric in ("mrr", "recall@10"):
+        out.append(judge(
+            f"(b) BM25 beats every gradient method on {metric} (closed set)",
+            [Comparison("table1", r, "BM25", metric, -1) for r in [*gradient, "TrackStar"]], paired,
+            "needs the table1 sweep with per-query records"))
+    out.append(Finding(
+        "(c) the gap between attribution (MRR) and influence (tail-patch) narrows with model size and training",
+        UNCHECKED, ["needs paired comparisons across Figure 2's model sizes and checkpoints (the scale study, "
+                    "issue 'Findings': not built yet); Figure 2's marginal values are in figure2.md"]))
+    for metric in ("mrr", "tail_patch@10"):
+        out.append(judge(
+            f"(d) R_mix helps over R_train and over no R ({metric}; TrackStar against Exp 4 (R_train) and Exp 3 (no R), "
+            "both with V and unit norm)",
+            [Comparison("table1", r, "TrackStar", metric, -1) for r in ("Exp 4", "Exp 3")], paired,
+            "needs the table1 sweep with per-query records"))
+    for metric in ("mrr", "tail_patch@10"):
+        out.append(judge(
+            f"(e) the loss output function is at least as good as margin ({metric}; Table A.3)",
+            [Comparison("table_a3", "Margin", "loss", metric, -1)], paired,
+            "needs the table_a3 sweep with per-query records"))
+    return out
+
+
+def to_markdown(found: list[Finding], provenance: Sequence[str]) -> str:
+    lines = ["<!--", *provenance, "-->", "", "# Findings: the paper's claims on these runs", "",
+             "Each claim is judged on paired differences over the same queries (row − reference, "
+             "bootstrap interval; see `<table>_paired.md`): **holds** when every comparison's interval is "
+             "on the claimed side of 0, **does not hold** when one is on the other side, **inconclusive** "
+             "otherwise. Computed by `trackstar-tables`, never edited.", "",
+             "| claim | verdict |", "|---|---|"]
+    lines += [f"| {f.claim} | **{f.verdict}** |" for f in found]
+    for f in found:
+        lines += ["", f"## {f.claim}", "", f"Verdict: **{f.verdict}**", ""]
+        lines += [f"- {e}" for e in f.evidence]
+    return "\n".join(lines) + "\n"
