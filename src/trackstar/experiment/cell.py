@@ -286,22 +286,50 @@ def default_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.results_dir) / cfg.table / f"{cfg.method.name}-{cfg.eval.corpus}-{ident}"
 
 
-def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool = False,
-             wandb_group: str | None = None) -> RunRecord:
-    """Run (or skip, when finished) one cell and write its run record; see the module doc.
-
-    Raises :class:`ConfigError` before any work for an invalid config. A
-    failure after that is recorded; it is raised again unless ``multirun``.
-    """
-    from .tracking import log_to_wandb
-
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    retriever = validate(cfg)
+def _writable(cfg: DictConfig, run_dir: Path) -> None:
     try:
         ensure_writable_dir(cfg.artifacts_dir, "artifacts_dir")
         ensure_writable_dir(run_dir, "The run directory (under results_dir)")
     except ArtifactError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _invalid(cfg: DictConfig, run_dir: Path, exc: ConfigError) -> RunRecord:
+    """The failed record of a multirun job whose config is invalid (no work was done)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    log.error("invalid config: %s", exc)
+    started = rec.now()
+    record = RunRecord(
+        config_id=config_id(cfg), table=cfg.table, corpus=cfg.eval.corpus,
+        method=MethodInfo(cfg.method.name, cfg.method.name, "unknown", 1e9, {}),
+        world=resolved["world"], model=resolved["model"], eval=resolved["eval"],
+        git_commit=rec.git_commit(Path(__file__).parent), started=started, run_dir=str(run_dir),
+        status="failed", error=f"ConfigError: {exc}", finished=started,
+    )
+    rec.write_record(run_dir, record)
+    print(f"[failed] {run_dir} invalid config: {exc}")
+    return record
+
+
+def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool = False,
+             wandb_group: str | None = None) -> RunRecord:
+    """Run (or skip, when finished) one cell and write its run record; see the module doc.
+
+    Raises :class:`ConfigError` before any work for an invalid config (under
+    ``multirun``, records it as a failed job instead, so the sweep goes on). A
+    failure after that is recorded; it is raised again unless ``multirun``.
+    """
+    from .tracking import log_to_wandb
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    try:
+        retriever = validate(cfg)
+    except ConfigError as exc:
+        if not multirun:
+            raise
+        _writable(cfg, run_dir)
+        return _invalid(cfg, run_dir, exc)  # one bad grid point must not stop the sweep
+    _writable(cfg, run_dir)
     cid = config_id(cfg)
     done = None if cfg.force else rec.finished_record(run_dir, cid)
     if done is not None:
