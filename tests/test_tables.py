@@ -302,3 +302,23 @@ def test_tables_import_no_lower_stage():
             "[['trackstar', s] for s in ('attribution', 'evaluation', 'baselines', 'lm', 'retrieval', 'world')]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_tables_are_published_to_one_offline_wandb_run(results, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: auto means offline
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "tables"
+    assert main(["--results", str(results), "--out", str(out), "--wandb", "--group", "table1"]) == 0
+    wandb.teardown()  # the service writes the run log on its own schedule
+    assert not (out / "wandb").exists()  # the offline copy goes to the results root, not the tables
+    (run,) = (results / "wandb").glob("offline-run-*")
+    raw = next(run.glob("*.wandb")).read_bytes()
+    for expected in (b"paper-tables", b"table1", b"table_a5", b"figure2"):
+        assert expected in raw, expected
+    tables = {p.name.split("_")[0] for p in (run / "files" / "media" / "table").glob("*.table.json")}
+    assert "table1" in tables and "figure2" in tables
+    assert list((run / "files" / "media" / "images" / "figure2").glob("*.png"))

@@ -12,43 +12,18 @@ logged offline instead. Offline runs sync later with
 from __future__ import annotations
 
 import logging
-import netrc
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from ..evaluation.metrics import RETRIEVAL_METRICS, proponent_correctness
+from ..wandb_mode import MODES, logged_in, resolve_mode  # noqa: F401 (re-exported)
 from .record import WANDB_CONFIG_KEY, RunRecord
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "online", "offline", "disabled")
 TOP_IN_TABLE = 3
-
-
-def logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        hosts = netrc.netrc().hosts
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return any("wandb" in h for h in hosts)
-
-
-def resolve_mode(mode: str) -> str:
-    """The W&B mode of a run: ``WANDB_MODE=offline|disabled`` (the user's word for this
-    shell) wins over any ``logger.mode``; ``WANDB_MODE=online`` settles ``auto``."""
-    if mode not in MODES:
-        raise ValueError(f"logger.mode={mode!r} is not one of {MODES}.")
-    env = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env in ("disabled", "offline", "dryrun"):
-        return "offline" if env == "dryrun" else env
-    if mode == "auto":
-        return "online" if env == "online" or logged_in() else "offline"
-    return mode
 
 
 def wandb_summary(record: RunRecord) -> dict:

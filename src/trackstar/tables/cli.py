@@ -39,9 +39,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="paper_tables", help="output directory (default: paper_tables)")
     parser.add_argument("--source", choices=("local", "wandb"), default="local", help="read local run records or their W&B mirror")
     parser.add_argument("--entity", help="W&B entity (with --source wandb)")
-    parser.add_argument("--project", help="W&B project (with --source wandb)")
+    parser.add_argument("--project", help="W&B project (with --source wandb or --wandb; default trackstar-repro for --wandb)")
     parser.add_argument("--strict", action="store_true", help="a table without runs, or two runs for one row, is an error")
     parser.add_argument("--require-single-commit", action="store_true", help="runs from more than one git commit are an error")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the tables, Figure 2 and findings.md to one W&B run (--project, --entity, --group)")
+    parser.add_argument("--group", help="W&B group of that run (e.g. the sweep's table name)")
+    parser.add_argument("--wandb-mode", default="auto", choices=("auto", "online", "offline", "disabled"),
+                        help="auto: online when logged in, else offline (WANDB_MODE wins)")
     parser.add_argument("--tables", help=f"comma-separated subset of: {','.join([*TABLES, *FIGURES])} (default: all)")
     return parser.parse_args(argv)
 
@@ -110,6 +115,13 @@ def generate(args: argparse.Namespace, command: str) -> int:
         atomic_write_text(out / "findings.md", text)
         print(text)
     write_index(out, made, skipped, runs, command, generated)
+    if args.wandb:
+        from .publish import publish
+
+        info = publish(made, out, runs.source, runs.commits, command, args.project or "trackstar-repro",
+                       args.entity, args.group, args.wandb_mode,
+                       wandb_dir=Path(args.results) if args.source == "local" else None)
+        print(f"W&B: {info}", file=sys.stderr)
     print(f"wrote {len(made)} table(s)/figure(s) to {out}", file=sys.stderr)
     return 0
 
