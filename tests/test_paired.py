@@ -9,7 +9,7 @@ from test_tables import record, write
 
 from trackstar.tables import load_local_runs
 from trackstar.tables.aggregate import table1
-from trackstar.tables.paired import PER_QUERY_CACHE, paired_table
+from trackstar.tables.paired import paired_table
 from trackstar.tables.render import to_csv, to_markdown
 
 N = 60
@@ -23,7 +23,6 @@ def _per_query(rng, base: np.ndarray, shift: float, noise: float) -> pd.DataFram
 
 @pytest.fixture
 def runs(tmp_path):
-    PER_QUERY_CACHE.clear()
     rng = np.random.default_rng(1)
     base = rng.uniform(0.2, 0.8, N)  # per-query difficulty shared by every method: what pairing removes
     frames = {}
@@ -77,7 +76,6 @@ def test_pairing_resolves_what_marginal_intervals_cannot(runs):
 
 
 def test_no_companion_without_per_query_metrics(tmp_path):
-    PER_QUERY_CACHE.clear()
     for method in ("bm25", "trackstar"):
         write(tmp_path / "results", record("table1", method, 0.5))
     assert paired_table(table1(load_local_runs(tmp_path / "results").frame)) is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -264,6 +265,22 @@ def verify_complete(path: str | os.PathLike, what: str, rebuild_hint: str) -> Pa
             f"and rebuild. {rebuild_hint}"
         )
     return path
+
+
+def discard_if_damaged(path: str | os.PathLike, what: str, action: str = "rebuilding it") -> bool:
+    """Whether the finished artifact ``path`` is intact; a damaged one (see
+    :func:`verify_complete`) is deleted with a warning so that its caller rebuilds it.
+    Only for artifacts that are a deterministic function of their key. Call under its lock."""
+    path = Path(path)
+    if not is_complete(path):
+        return False
+    try:
+        verify_complete(path, what, "")
+    except ArtifactError as exc:
+        logging.getLogger("trackstar").warning("%s; %s", exc, action)
+        shutil.rmtree(path)
+        return False
+    return True
 
 
 def remove_stale_partials(parent: str | os.PathLike, pattern: str = ".*.partial-*") -> None:

@@ -331,7 +331,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool 
         return _invalid(cfg, run_dir, exc)  # one bad grid point must not stop the sweep
     _writable(cfg, run_dir)
     cid = config_id(cfg)
-    done = None if cfg.force else rec.finished_record(run_dir, cid)
+    kept = rec.finished_record(run_dir, cid)  # a force=true re-run must not lose it if it fails
+    done = None if cfg.force else kept
     if done is not None:
         log.info("skipping %s: a finished run record exists (force=true re-runs it)", run_dir)
         print(f"[skip] {run_dir} is finished")
@@ -346,7 +347,6 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool 
         git_commit=rec.git_commit(Path(__file__).parent), started=rec.now(), run_dir=str(run_dir),
     )
     attempt = rec.attempt_name(record)
-    kept = rec.finished_record(run_dir, cid)  # a force=true re-run must not lose it if it fails
     t0 = time.perf_counter()
     retrievals, per_query = [], None
     try:

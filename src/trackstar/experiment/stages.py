@@ -9,26 +9,12 @@ instead of building the same artifact twice or corrupting it.
 
 from __future__ import annotations
 
-import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
 
-from ..io import (
-    ArtifactError,
-    atomic_directory,
-    atomic_write_json,
-    config_hash,
-    is_complete,
-    read_json,
-    read_jsonl,
-    verify_complete,
-    write_jsonl,
-)
-
-log = logging.getLogger("trackstar")
+from ..io import atomic_directory, atomic_write_json, config_hash, discard_if_damaged, read_json, read_jsonl, write_jsonl
 
 
 @contextmanager
@@ -114,25 +100,11 @@ def retrieval_key(world_manifest: dict, checkpoint_id: str | None, retriever_key
     )
 
 
-def _usable(path: Path, what: str) -> bool:
-    """Whether the cached directory ``path`` is finished and intact; a damaged one is
-    removed (with a warning) so that the caller recomputes it. Call under its lock."""
-    if not is_complete(path):
-        return False
-    try:
-        verify_complete(path, what, "")
-    except ArtifactError as exc:
-        log.warning("recomputing: %s", exc)
-        shutil.rmtree(path)
-        return False
-    return True
-
-
 def retrieval_stage(artifacts: Path, key: str, compute) -> tuple[list[dict], dict]:
     """Cached retrieval records (release schema) and their info, computed once per key."""
     path = Path(artifacts) / "retrievals" / key
     with stage_lock(artifacts, f"retrieval-{key}"):
-        if _usable(path, "retrieval cache"):
+        if discard_if_damaged(path, "retrieval cache", "recomputing it"):
             return read_jsonl(path / "retrievals.jsonl"), read_json(path / "info.json")
         records, info = compute()
         with atomic_directory(path) as tmp:  # replaces anything incomplete left by a kill

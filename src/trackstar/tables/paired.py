@@ -24,8 +24,6 @@ from scipy import stats
 from ..experiment.record import PER_QUERY_FILE
 from .aggregate import Column, PaperTable, label_column
 
-PER_QUERY_CACHE: dict[str, pd.DataFrame] = {}
-
 #: Per table: the reference rows, as (label, predicate on a table row).
 METHOD_REFERENCES = (("TrackStar", lambda r: r["method"] == "trackstar"), ("BM25", lambda r: r["method"] == "bm25"))
 REFERENCES: dict[str, tuple[tuple[str, Callable[[pd.Series], bool]], ...]] = {
@@ -41,15 +39,13 @@ REFERENCES: dict[str, tuple[tuple[str, Callable[[pd.Series], bool]], ...]] = {
 
 def per_query(run: str) -> pd.DataFrame | None:
     """The per-query metrics of a local run (None for a W&B run or a run without them)."""
-    if run not in PER_QUERY_CACHE:
-        path = Path(run) / PER_QUERY_FILE
-        if run.startswith("wandb:") or not path.is_file():
-            return None
-        frame = pd.read_csv(path)
-        if "has_trex_sentence" in frame:
-            frame = frame[frame["has_trex_sentence"].astype(bool)]
-        PER_QUERY_CACHE[run] = frame.set_index("example_id")
-    return PER_QUERY_CACHE[run]
+    path = Path(run) / PER_QUERY_FILE
+    if run.startswith("wandb:") or not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    if "has_trex_sentence" in frame:
+        frame = frame[frame["has_trex_sentence"].astype(bool)]
+    return frame.set_index("example_id")
 
 
 def paired_difference(a: pd.Series, b: pd.Series, confidence: float, resamples: int) -> dict:

@@ -12,9 +12,7 @@ Layout of a world directory (release schemas, SPEC §2.1)::
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -23,6 +21,7 @@ from ..io import (
     ArtifactError,
     atomic_directory,
     atomic_write_json,
+    discard_if_damaged,
     ensure_writable_dir,
     is_complete,
     read_json,
@@ -36,8 +35,6 @@ from ..io import (
 from .generate import GENERATOR_VERSION, N_BUCKETS, fact_record, generate_world
 from .profiles import get_profile
 from .schema import validate_records
-
-log = logging.getLogger("trackstar")
 
 MANIFEST = "manifest.json"
 FACTS_FILE = "trex_facts.jsonl"
@@ -131,13 +128,9 @@ def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0
                 f"seed={manifest.get('seed')!r}, not profile={profile!r} seed={seed!r}. "
                 "Choose another output path or delete it."
             )
-        try:
-            verify_complete(out_dir, "World directory", "")
+        # A generated world is a function of (profile, seed): rebuilding a damaged one is safe.
+        if discard_if_damaged(out_dir, "World directory"):
             return out_dir
-        except ArtifactError as exc:
-            # A generated world is a function of (profile, seed): rebuilding it is safe.
-            log.warning("%s; rebuilding it", exc)
-            shutil.rmtree(out_dir)
     world = generate_world(prof, seed)
     with atomic_directory(out_dir) as tmp:
         write_world(world, tmp)
