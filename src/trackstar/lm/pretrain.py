@@ -87,14 +87,8 @@ def pretrain_model(
                desc=f"pretrain {config.family}-{config.size}", unit="step")
     for step in range(trainer_state["step"], total_steps):
         t0 = time.perf_counter()
-        set_learning_rate(optimizer, config.learning_rate(step, total_steps))
-        loss = lm_loss(model, lm_batch([examples[i] for i in order.batch_indices(step)], pad_id))
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, optimizer, [examples[i] for i in order.batch_indices(step)], pad_id,
+                                 config.learning_rate(step, total_steps), config.grad_clip))
         seconds += time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -108,6 +102,36 @@ def pretrain_model(
     return out_dir
 
 
+def train_step(model, optimizer, passages: list[list[int]], pad_id: int, lr: float,
+               grad_clip: float | None) -> float:
+    """One optimizer step on a batch of passages at learning rate ``lr``; returns its loss.
+
+    The one update rule of pretraining and of counterfactual retraining
+    (:mod:`trackstar.lm.retrain`), so a retrain on the whole corpus is the
+    pretrained model.
+    """
+    set_learning_rate(optimizer, lr)
+    loss = lm_loss(model, lm_batch(passages, pad_id))
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def fresh_model(config: PretrainConfig, tokenizer, device: torch.device):
+    """(model, optimizer) at step 0 of ``config``'s run, and the torch RNG seeded for it."""
+    model = build_model(
+        config.family, config.size, len(tokenizer), config.context_length, config.seed,
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    ).to(device)
+    optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
+                                config.optimizer_kwargs)
+    torch.manual_seed(config.seed)
+    return model, optimizer
+
+
 def _start_or_resume(out_dir: Path, key: str, config: PretrainConfig, tokenizer, total_steps: int,
                      device: torch.device):
     """(model, optimizer, trainer state) on ``device`` from the last checkpoint, or fresh at step 0."""
@@ -118,13 +142,7 @@ def _start_or_resume(out_dir: Path, key: str, config: PretrainConfig, tokenizer,
         state = {k: loaded.trainer_state[k] for k in ("step", "loss_history", "train_seconds")}
         log.info("resuming pretraining from %s (step %d of %d)", resume_from, state["step"], total_steps)
         return loaded.model, loaded.optimizer, state
-    model = build_model(
-        config.family, config.size, len(tokenizer), config.context_length, config.seed,
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-    ).to(device)
-    optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
-                                config.optimizer_kwargs)
-    torch.manual_seed(config.seed)
+    model, optimizer = fresh_model(config, tokenizer, device)
     return model, optimizer, {"step": 0, "loss_history": [], "train_seconds": 0.0}
 
 
