@@ -11,7 +11,7 @@ top-k.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .gradients import all_parameter_sites, block_linear_sites
 from ..lm.data import context_length
 from .output import Example, collate, query_example, training_example
 from .projection import Projector
-from .scoring import TopK, faiss_top_k, top_k, unit_normalize
+from .scoring import TopK, faiss_top_k, score_chunks, top_k, unit_normalize
 from .second_moment import SecondMoment, estimate_second_moment, second_moment_from_optimizer
 from .settings import AttributionSettings
 from .store import (
@@ -252,18 +252,40 @@ class TrackStar:
             x = whitening.apply(x)
         return unit_normalize(x) if self.settings.unit_norm else x
 
-    def score(self, train: FeatureStore, query: FeatureStore) -> tuple[TopK, Whitening | None]:
+    def _scoring_inputs(self, train: FeatureStore, query: FeatureStore):
+        """(transformed queries, training chunks, the chunks' transform, whitening)."""
         check_compatible(train, query)
         whitening = self.whitening(train, query)
         q = self.transform(query.rows().to(self.device), whitening)
         # Scoring streams bigger chunks than extraction writes: a 64 MiB slab
         # per step keeps the per-chunk top-k bookkeeping small next to the matmul.
         rows = max(self.settings.chunk_rows, (64 << 20) // (4 * train.d))
+        return q, train.chunks(rows), whitening.apply if whitening is not None else None, whitening
+
+    def score(self, train: FeatureStore, query: FeatureStore) -> tuple[TopK, Whitening | None]:
+        q, chunks, transform, whitening = self._scoring_inputs(train, query)
         scorer = faiss_top_k if self.settings.scorer == "faiss" else top_k
-        result = scorer(q, train.chunks(rows), self.settings.k,
-                       whitening.apply if whitening is not None else None,
-                       normalize_train=self.settings.unit_norm)
-        return result, whitening
+        return scorer(q, chunks, self.settings.k, transform, normalize_train=self.settings.unit_norm), whitening
+
+    def _stores(self, train_texts: Sequence[str], queries: Sequence, train_ids: Sequence | None, shards: int):
+        train_ids = list(range(len(train_texts))) if train_ids is None else list(train_ids)
+        train_examples = self.training_examples(train_texts, train_ids)
+        query_examples = self.query_examples(queries)  # a bad query fails before any extraction
+        query_ids = [_query_parts(q, i)[2] for i, q in enumerate(queries)]
+        v = self.second_moment(train_examples)
+        train = self.featurize(train_examples, "train", train_ids, v, expect_shards=shards)
+        query = self.featurize(query_examples, "query", query_ids, v)
+        return train, query, query_ids, v
+
+    def all_scores(self, train_texts: Sequence[str], queries: Sequence, train_ids: Sequence | None = None,
+                   shards: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+        """Every training row's score for every query, streamed as ``(first row,
+        (queries, rows) scores)`` in row order on the model's device: the numbers
+        :meth:`attribute` ranks, for uses that need all of them (LDS sums them
+        over subsets) without an N × queries matrix in memory."""
+        train, query, _, _ = self._stores(train_texts, queries, train_ids, shards)
+        q, chunks, transform, _ = self._scoring_inputs(train, query)
+        yield from score_chunks(q, chunks, transform, normalize_train=self.settings.unit_norm)
 
     def attribute(self, train_texts: Sequence[str], queries: Sequence,
                   train_ids: Sequence | None = None, shards: int = 1) -> AttributionResult:
@@ -272,13 +294,7 @@ class TrackStar:
         ``shards > 1``: the training features must have been written by
         :meth:`extract_shard` jobs (all ``shards`` of them); this merges and scores.
         """
-        train_ids = list(range(len(train_texts))) if train_ids is None else list(train_ids)
-        train_examples = self.training_examples(train_texts, train_ids)
-        query_examples = self.query_examples(queries)
-        query_ids = [_query_parts(q, i)[2] for i, q in enumerate(queries)]
-        v = self.second_moment(train_examples)
-        train = self.featurize(train_examples, "train", train_ids, v, expect_shards=shards)
-        query = self.featurize(query_examples, "query", query_ids, v)
+        train, query, query_ids, v = self._stores(train_texts, queries, train_ids, shards)
         top, whitening = self.score(train, query)
         ids = train.row_ids
         return AttributionResult(

@@ -9,7 +9,7 @@ full N×M score matrix is never formed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +41,30 @@ def _merge(best_s, best_i, scores, start, k, largest):
     return top.values, i.gather(1, top.indices)
 
 
+def score_chunks(
+    queries: torch.Tensor,
+    train_chunks: Iterable[tuple[int, torch.Tensor]],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize_train: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, queries @ g(chunk)ᵀ)`` for every training chunk: every row's score.
+
+    ``queries`` (M, d) must already be transformed; each chunk gets
+    ``transform`` and then, if ``normalize_train``, unit normalization (applied
+    to the score columns: the same numbers, one pass less over memory). The
+    scores are on the queries' device.
+    """
+    q = queries.float().contiguous()
+    for start, chunk in train_chunks:
+        chunk = chunk.to(q.device, non_blocking=True)
+        x = transform(chunk) if transform is not None else chunk
+        scores = q @ x.T
+        if normalize_train:
+            norms = x.norm(dim=1)
+            scores /= torch.where(norms > 0, norms, torch.ones_like(norms))
+        yield start, scores
+
+
 def top_k(
     queries: torch.Tensor,
     train_chunks: Iterable[tuple[int, torch.Tensor]],
@@ -48,27 +72,17 @@ def top_k(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalize_train: bool = False,
 ) -> TopK:
-    """Running top-k of ``queries @ g(chunk)ᵀ`` over all chunks.
+    """Running top-k of the scores of :func:`score_chunks` over all chunks.
 
-    ``queries`` (M, d) must already be transformed. Each training chunk
-    (start, (c, d)) gets ``transform`` and then, if ``normalize_train``, unit
-    normalization. Chunks are moved to the queries' device, where the scores
-    and the running top-k live; the result is on the CPU. Normalization divides the score columns by the row norms
-    rather than rewriting the chunk: the same numbers, one pass less over
-    memory.
+    The scores and the running top-k live on the queries' device; the result
+    is on the CPU.
     """
     m = queries.shape[0]
     q = queries.float().contiguous()
     device = q.device
     p_s, p_i = torch.empty((m, 0), device=device), torch.empty((m, 0), dtype=torch.long, device=device)
     o_s, o_i = torch.empty((m, 0), device=device), torch.empty((m, 0), dtype=torch.long, device=device)
-    for start, chunk in train_chunks:
-        chunk = chunk.to(device, non_blocking=True)
-        x = transform(chunk) if transform is not None else chunk
-        scores = q @ x.T
-        if normalize_train:
-            norms = x.norm(dim=1)
-            scores /= torch.where(norms > 0, norms, torch.ones_like(norms))
+    for start, scores in score_chunks(q, train_chunks, transform, normalize_train):
         p_s, p_i = _merge(p_s, p_i, scores, start, k, largest=True)
         o_s, o_i = _merge(o_s, o_i, scores, start, k, largest=False)
     return TopK(p_i.cpu(), p_s.cpu(), o_i.cpu(), o_s.cpu())

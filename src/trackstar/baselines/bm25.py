@@ -6,10 +6,19 @@ paper: BM25 matches the passage that spells the fact out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import bm25s
 import numpy as np
+
+
+def _index(corpus_texts: Sequence[str], query_texts: Sequence[str], k1: float, b: float):
+    """(the BM25 index of the corpus, each query's words that occur in it)."""
+    retriever = bm25s.BM25(k1=k1, b=b)
+    retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False), show_progress=False)
+    vocab = retriever.vocab_dict
+    tokenized = bm25s.tokenize(list(query_texts), stopwords="en", return_ids=False, show_progress=False)
+    return retriever, [[t for t in toks if t in vocab] for toks in tokenized]
 
 
 def bm25_topk(
@@ -18,17 +27,23 @@ def bm25_topk(
     """Indices (queries x k) of the top-``k`` corpus texts per query, and their scores."""
     if k > len(corpus_texts):
         raise ValueError(f"k={k} exceeds the corpus size {len(corpus_texts)}; lower k.")
-    retriever = bm25s.BM25(k1=k1, b=b)
-    retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False), show_progress=False)
-    vocab = retriever.vocab_dict
-    tokenized = bm25s.tokenize(list(query_texts), stopwords="en", return_ids=False, show_progress=False)
+    retriever, known = _index(corpus_texts, query_texts, k1, b)
     # A query with no word in the corpus matches nothing: it gets score 0 for
     # the first k texts rather than a made-up match.
-    known = [[t for t in toks if t in vocab] for toks in tokenized]
-    placeholder = next(iter(vocab))
+    placeholder = next(iter(retriever.vocab_dict))
     ids, scores = retriever.retrieve([q or [placeholder] for q in known], k=k, show_progress=False, n_threads=1)
     ids, scores = np.asarray(ids), np.asarray(scores, dtype=np.float32)
     for row, q in enumerate(known):
         if not q:
             ids[row], scores[row] = np.arange(k), 0.0
     return ids, scores
+
+
+def bm25_all_scores(
+    corpus_texts: Sequence[str], query_texts: Sequence[str], k1: float = 1.5, b: float = 0.75
+) -> Iterator[np.ndarray]:
+    """Every corpus text's score, one (texts,) array per query in order (0 for a
+    query with no word in the corpus)."""
+    retriever, known = _index(corpus_texts, query_texts, k1, b)
+    for q in known:
+        yield retriever.get_scores(q) if q else np.zeros(len(corpus_texts), dtype=np.float32)

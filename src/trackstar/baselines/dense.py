@@ -38,11 +38,22 @@ def dense_topk(
     sentence-transformers choose)."""
     if k > len(corpus_texts):
         raise ValueError(f"k={k} exceeds the corpus size {len(corpus_texts)}; lower k.")
-    encoder = load_encoder(model, device)
-    docs = encoder.encode(list(corpus_texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
-    qs = encoder.encode(list(query_texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
-    sims = qs @ docs.T
+    sims = dense_similarities(corpus_texts, query_texts, model, batch_size, device)
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
     top = np.take_along_axis(top, order, axis=1)
     return top, np.take_along_axis(sims, top, axis=1).astype(np.float32)
+
+
+def dense_similarities(
+    corpus_texts: Sequence[str],
+    query_texts: Sequence[str],
+    model: str = DEFAULT_MODEL,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> np.ndarray:
+    """Cosine similarity (queries x texts) of every query to every text."""
+    encoder = load_encoder(model, device)
+    docs = encoder.encode(list(corpus_texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    qs = encoder.encode(list(query_texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    return qs @ docs.T

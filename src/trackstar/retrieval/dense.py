@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..baselines.dense import DEFAULT_MODEL
 from .records import Corpus, query_text, text_records
-from .registry import RetrievalTask, Retriever, register
+from .registry import RetrievalTask, Retriever, register, sum_query_rows
 
 
 class Dense(Retriever):
@@ -33,6 +33,15 @@ class Dense(Retriever):
         rows, scores = dense_topk(corpus.texts, [query_text(q) for q in task.queries], task.k,
                                   model=self.options.model, device=device)
         return text_records(task.queries, corpus, rows, scores), {"dense_model": self.options.model}
+
+    def subset_sums(self, task: RetrievalTask, masks):
+        from ..baselines.dense import dense_similarities
+
+        corpus = Corpus.from_world(task.world, task.corpus)
+        device = str(task.device) if task.device is not None else None
+        sims = dense_similarities(corpus.texts, [query_text(q) for q in task.queries], self.options.model,
+                                  device=device)
+        return sum_query_rows(sims, masks)
 
 
 register("dense", Dense)

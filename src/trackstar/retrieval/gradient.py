@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .records import Corpus, retrieval_record
-from .registry import RetrievalTask, Retriever, register
+from .registry import RetrievalTask, Retriever, register, sum_row_chunks
 
 #: λ defaults per corpus (paper: ≈0.90 for T-REx, ≈0.99 for C4).
 DEFAULT_LAMBDA = {"closed": 0.9, "open": 0.99}
@@ -85,11 +85,16 @@ class GradientRetriever(Retriever):
         corpus = Corpus.from_world(task.world, task.corpus)
         return self._engine(task).extract_shard(corpus.texts, index, task.shards, train_ids=corpus.ids)
 
+    def subset_sums(self, task: RetrievalTask, masks):
+        corpus = Corpus.from_world(task.world, task.corpus)
+        scores = self._engine(task).all_scores(corpus.texts, _queries(task), train_ids=corpus.ids, shards=task.shards)
+        return sum_row_chunks(scores, masks, len(task.queries))
+
     def retrieve(self, task: RetrievalTask) -> tuple[list[dict], dict]:
         corpus = Corpus.from_world(task.world, task.corpus)
         result = self._engine(task).attribute(
             corpus.texts,
-            [{"prompt": q["prompt"], "target": q["target"], "id": q["example_id"]} for q in task.queries],
+            _queries(task),
             train_ids=corpus.ids, shards=task.shards,
         )
         info = {"lambda": result.lam, "lambda_default": DEFAULT_LAMBDA[task.corpus],
@@ -103,6 +108,10 @@ class GradientRetriever(Retriever):
             )
         ]
         return records, info
+
+
+def _queries(task: RetrievalTask) -> list[dict]:
+    return [{"prompt": q["prompt"], "target": q["target"], "id": q["example_id"]} for q in task.queries]
 
 
 def _register_rows() -> None:

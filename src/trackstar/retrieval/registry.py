@@ -22,10 +22,12 @@ import dataclasses
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+import numpy as np
 
 from ..io import config_hash
 from .records import CORPORA
@@ -94,6 +96,37 @@ class Retriever(ABC):
     @abstractmethod
     def retrieve(self, task: RetrievalTask) -> tuple[list[dict], dict]:
         """(release-schema records in query order, info the run record keeps)."""
+
+    def subset_sums(self, task: RetrievalTask, masks: np.ndarray) -> np.ndarray:
+        """(queries, subsets) float64: each query's summed score over each subset's passages.
+
+        ``masks`` is (corpus rows, subsets) boolean. This is what LDS predicts a
+        retrained model's outcome with (:mod:`trackstar.evaluation.counterfactual`),
+        so it covers every passage, not only the top k. A retriever that can
+        score every passage overrides it.
+        """
+        raise NotImplementedError(
+            f"method {self.name!r} cannot score every passage of the corpus, which LDS needs; "
+            "implement Retriever.subset_sums for it or leave it out of the counterfactual sweep."
+        )
+
+
+def sum_row_chunks(chunks: Iterable[tuple[int, Any]], masks: np.ndarray, n_queries: int) -> np.ndarray:
+    """Σ over row chunks ``(first row, (queries, rows) scores)`` of scores @ masks, in float64."""
+    out = np.zeros((n_queries, masks.shape[1]))
+    seen = 0
+    for start, scores in chunks:
+        scores = np.asarray(scores.cpu() if hasattr(scores, "cpu") else scores, dtype=np.float64)
+        out += scores @ masks[start:start + scores.shape[1]]
+        seen += scores.shape[1]
+    if seen != masks.shape[0]:
+        raise ValueError(f"the scores cover {seen} passages but the subsets {masks.shape[0]}")
+    return out
+
+
+def sum_query_rows(rows: Iterable[np.ndarray], masks: np.ndarray) -> np.ndarray:
+    """Σ per query of its (corpus rows,) scores over each subset, in float64."""
+    return np.stack([np.asarray(r, dtype=np.float64) @ masks for r in rows])
 
 
 def _build_options(options_type, values: dict, name: str):
