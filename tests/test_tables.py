@@ -26,7 +26,7 @@ METHODS = ["bm25", "dense", *PRESETS]
 # Labels and ranks as the runs write them; the tables must take them from the record.
 LABELS = {"bm25": "BM25", "dense": "Dense (MiniLM; stands in for Gecko)", "grad_dot": "Gradient dot product",
           "grad_cosine": "Gradient cosine", "trak": "TRAK", **{f"exp{i}": f"Exp {i}" for i in range(1, 6)},
-          "trackstar": "TrackStar"}
+          "trackstar": "TrackStar", "random": "Random scores (control)"}
 
 
 def stats(mean: float, n: int = 20) -> dict:
@@ -34,9 +34,10 @@ def stats(mean: float, n: int = 20) -> dict:
 
 
 def record(table: str, method: str, mrr: float, *, corpus="closed", commit="c0ffee", finished="2025-01-01T00:00:00+00:00",
-           size="tiny", checkpoint=1.0, lam_used=None, **method_fields) -> dict:
+           size="tiny", checkpoint=1.0, lam_used=None, extra_metrics=None, **method_fields) -> dict:
     tp = {f"tail_patch@{k}": stats(mrr / k) for k in (1, 3, 5, 10)}
-    metrics = {"mrr": stats(mrr), "recall@10": stats(mrr + 0.1), "precision@10": stats(mrr / 10), **tp}
+    metrics = {"mrr": stats(mrr), "recall@10": stats(mrr + 0.1), "precision@10": stats(mrr / 10), **tp,
+               **{k: stats(v) for k, v in (extra_metrics or {}).items()}}
     split = {"True": {"mrr": stats(mrr + 0.2, 8), "recall@10": stats(mrr + 0.3, 8), "tail_patch@10": stats(mrr / 5, 8)},
              "False": {"mrr": stats(mrr - 0.2, 12), "recall@10": stats(mrr - 0.1, 12), "tail_patch@10": stats(mrr / 20, 12)}}
     info: dict = {"method": method, "corpus": corpus, "k": 10}
@@ -50,7 +51,7 @@ def record(table: str, method: str, mrr: float, *, corpus="closed", commit="c0ff
         "schema_version": 2, "status": "finished", "error": None, "config_id": f"{table}-{method}-{mrr}",
         "table": table, "corpus": corpus, "started": finished, "run_dir": "",
         "method": {"name": method, "label": LABELS[method], "family": "gradient" if method in PRESETS else "baseline",
-                   "rank": float(METHODS.index(method)), "settings": settings},
+                   "rank": float(METHODS.index(method)) if method in METHODS else 100.0, "settings": settings},
         "world": {"profile": "tiny", "seed": 0},
         "model": {"family": "gpt2", "size": size, "optimizer": "adafactor", "seed": 0, "checkpoint": checkpoint,
                   "checkpoint_fractions": [0.25, 0.5, 1.0], "epochs": None, "hf_name_or_path": None},
@@ -85,6 +86,9 @@ def results(tmp_path):
         write(root, record("figure2_scale", "trackstar", mrr, size=size))
     for frac, mrr in ((0.25, 0.05), (0.5, 0.12)):
         write(root, record("figure2_scale", "trackstar", mrr, checkpoint=frac))
+    for method, lds in (("random", 0.01), ("bm25", 0.5), ("trackstar", 0.4)):
+        write(root, record("table_c1", method, lds / 2, corpus="open",
+                           extra_metrics={"lds": lds, "loo_drop@10": 10 * lds, "random_drop@10": 0.03}))
     return root
 
 
@@ -117,6 +121,14 @@ def test_table2_and_ablation_tables(results):
     got = [(r[label_column("V")], r[label_column("R")], r[label_column("λ")], r["mrr"]) for _, r in a5.rows.iterrows()]
     assert got == [("no", "none", "—", 0.20), ("yes", "R_train", "—", 0.30), ("yes", "R_mix", "0.9", 0.40), ("yes", "R_mix", "auto (0.95)", 0.41)]
     assert "$\\lambda$" in to_latex(a5)
+
+
+def test_counterfactual_table(results):
+    c1 = TABLES["table_c1"](load_local_runs(results).frame)
+    assert labels(c1) == ["BM25", "TrackStar", "Random scores (control)"]  # the control row last
+    assert [c.key for c in c1.columns] == ["lds", "loo_drop@10", "random_drop@10", "tail_patch@10"]
+    assert c1.rows["lds"].tolist() == pytest.approx([0.5, 0.4, 0.01])
+    assert "| TrackStar | 0.400 [0.350, 0.450] | 4.000 [3.950, 4.050] | 0.030 [" in to_markdown(c1)
 
 
 def test_a6_and_a7_fall_back_to_table1_runs(results):

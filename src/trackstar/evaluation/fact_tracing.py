@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .counterfactual import is_counterfactual_metric
 from .metrics import RETRIEVAL_METRICS, score_retrievals
 from .tail_patch import TAIL_PATCH_KS, tail_patch, tail_patch_at_k
 
@@ -47,5 +48,6 @@ def evaluate(
 
 
 def metric_columns(per_query: pd.DataFrame) -> list[str]:
-    return [c for c in per_query.columns if c in RETRIEVAL_METRICS or c.startswith("tail_patch")]
+    return [c for c in per_query.columns
+            if c in RETRIEVAL_METRICS or c.startswith("tail_patch") or is_counterfactual_metric(c)]
 

@@ -46,8 +46,15 @@ class ConfigError(ValueError):
     """A config value is invalid; raised before any work starts."""
 
 
+def _container(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def _run_id(*nodes) -> str:
-    return config_hash([OmegaConf.to_container(n, resolve=True) if isinstance(n, DictConfig) else n for n in nodes], 8)
+    # A disabled counterfactual block is left out, so runs without it keep the
+    # directories and identities they had before it existed.
+    parts = [_container(n) for n in nodes]
+    return config_hash([p for p in parts if not (isinstance(p, dict) and p.get("enabled") is False)], 8)
 
 
 OmegaConf.register_new_resolver("ts_run_id", _run_id, replace=True)
@@ -55,7 +62,20 @@ register_schema()
 
 
 def config_id(cfg: DictConfig) -> str:
-    return config_hash({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in RUNTIME_KEYS})
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if not resolved.get("counterfactual", {}).get("enabled"):
+        resolved.pop("counterfactual", None)  # see _run_id
+    return config_hash({k: v for k, v in resolved.items() if k not in RUNTIME_KEYS})
+
+
+def counterfactual_settings(cfg: DictConfig):
+    """The run's :class:`~trackstar.evaluation.counterfactual.CounterfactualSettings`, or None when disabled."""
+    from ..evaluation.counterfactual import CounterfactualSettings
+
+    node = _container(cfg.counterfactual)
+    if not node.pop("enabled"):
+        return None
+    return CounterfactualSettings(**node)
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: str | Path | None = None) -> DictConfig:
@@ -124,6 +144,7 @@ def validate(cfg: DictConfig):
         resolve_mode(cfg.logger.mode)
         stage_threads(cfg.stage_threads)
         resolve_device(cfg.device)
+        _check_counterfactual(cfg, retriever)
         if cfg.shard.count != 1 or cfg.shard.index is not None:
             check_shard(0 if cfg.shard.index is None else cfg.shard.index, cfg.shard.count, "shard")
             if retriever.family != "gradient":
@@ -132,6 +153,28 @@ def validate(cfg: DictConfig):
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return retriever
+
+
+def _check_counterfactual(cfg: DictConfig, retriever) -> None:
+    from ..retrieval import Retriever
+
+    if counterfactual_settings(cfg) is None:
+        return
+    if cfg.eval.corpus != "open":
+        raise ValueError("counterfactual.enabled=true needs eval=open: LDS and leave-top-k-out retrain on the "
+                         "pretraining corpus, so the methods must score its passages.")
+    if cfg.model.hf_name_or_path:
+        raise ValueError("counterfactual.enabled=true retrains the model from scratch, which only works for our "
+                         "own models; leave model.hf_name_or_path unset.")
+    if abs(cfg.model.checkpoint - 1.0) > 1e-9:
+        raise ValueError(f"counterfactual.enabled=true compares retrains with the final model; model.checkpoint="
+                         f"{cfg.model.checkpoint} must be 1.0.")
+    if cfg.eval.k < cfg.counterfactual.k:
+        raise ValueError(f"eval.k={cfg.eval.k} is smaller than counterfactual.k={cfg.counterfactual.k}; "
+                         "raise eval.k so the top-k proponents can be left out.")
+    if type(retriever).subset_sums is Retriever.subset_sums:
+        raise ValueError(f"method {cfg.method.name!r} cannot score every passage, which LDS needs; "
+                         "leave it out of the counterfactual sweep.")
 
 
 def _skeleton(model_cfg):
@@ -266,6 +309,29 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
         )
     timings["evaluation"] = time.perf_counter() - t
 
+    settings = counterfactual_settings(cfg)
+    if settings is not None:
+        from ..evaluation.counterfactual import counterfactual
+        from ..retrieval.records import Corpus
+        from .stages import retrain_stage
+
+        def subset_sums(masks):
+            if not gradient:
+                with numeric():
+                    return retriever.subset_sums(task, masks)
+            with stage_lock(artifacts, f"features-{features.parent.name}-{features.name}"), numeric():
+                return retriever.subset_sums(task, masks)
+
+        def retrain_many(masks):
+            return retrain_stage(artifacts, ckpt_path.parent, world_path, masks, cfg.stage_threads, device,
+                                 cfg.progress)
+
+        t = time.perf_counter()
+        effects, record.info["counterfactual"] = counterfactual(
+            retrievals, Corpus.from_world(world, cfg.eval.corpus).ids, subset_sums, retrain_many, settings)
+        per_query = per_query.merge(effects, on="example_id", how="left")
+        timings["counterfactual"] = time.perf_counter() - t
+
     record.metrics, record.splits = metric_summary(
         per_query, metric_columns(per_query), cfg.eval.bootstrap_resamples, cfg.eval.confidence)
     record.n_queries = int(len(per_query))
@@ -282,7 +348,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
 
 def default_run_dir(cfg: DictConfig) -> Path:
     """Where a run outside Hydra lands: as ``trackstar-run`` would put it."""
-    ident = _run_id(cfg.world, cfg.model, cfg.method, cfg.eval)
+    ident = _run_id(cfg.world, cfg.model, cfg.method, cfg.eval, cfg.counterfactual)
     return Path(cfg.results_dir) / cfg.table / f"{cfg.method.name}-{cfg.eval.corpus}-{ident}"
 
 
@@ -374,7 +440,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool 
         tags=[cfg.table, cfg.method.name, cfg.eval.corpus], name=run_dir.name,
     )
     rec.write_record(run_dir, record, attempt)
-    headline = ("mrr", "recall@10", f"tail_patch@{max(cfg.eval.tail_patch_ks, default=10)}")
+    headline = ("mrr", "recall@10", f"tail_patch@{max(cfg.eval.tail_patch_ks, default=10)}", "lds",
+                f"loo_drop@{cfg.counterfactual.k}")
     summary = ", ".join(f"{m}={record.metrics[m]['mean']:.3f}" for m in headline if m in record.metrics)
     print(f"[{record.status}] {run_dir} {summary or record.error or ''}")
     return record

@@ -103,6 +103,24 @@ class ShardConf:
 
 
 @dataclass
+class CounterfactualConf:
+    #: LDS and leave-top-k-out by retraining our own model from scratch
+    #: (SPEC §2.5, Table C.1). Needs eval=open (the training corpus) and
+    #: model.checkpoint=1.0; every retrain is cached and shared by all methods.
+    enabled: bool = False
+    #: M, the random subsets retrained for LDS (at least 5).
+    subsets: int = 32
+    #: Share of the corpus each subset keeps, in (0, 1).
+    subset_fraction: float = 0.5
+    #: Seeds the subsets, the leave-out query sample and the random removals.
+    seed: int = 0
+    #: Passages left out per query: its top k proponents, or k random ones.
+    k: int = 10
+    #: Queries that get leave-top-k-out retrains (a seeded sample; null: all).
+    loo_queries: Optional[int] = None
+
+
+@dataclass
 class TrackStarConfig:
     world: WorldConf = field(default_factory=WorldConf)
     model: ModelConf = field(default_factory=ModelConf)
@@ -110,6 +128,7 @@ class TrackStarConfig:
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
     shard: ShardConf = field(default_factory=ShardConf)
+    counterfactual: CounterfactualConf = field(default_factory=CounterfactualConf)
     #: Which paper table or figure this run belongs to (a W&B tag and the
     #: aggregation key); ``adhoc`` for single runs.
     table: str = "adhoc"

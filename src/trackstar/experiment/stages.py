@@ -9,10 +9,13 @@ instead of building the same artifact twice or corrupting it.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
+from tqdm.auto import tqdm
 
 from ..io import atomic_directory, atomic_write_json, config_hash, discard_if_damaged, read_json, read_jsonl, write_jsonl
 
@@ -112,3 +115,69 @@ def retrieval_stage(artifacts: Path, key: str, compute) -> tuple[list[dict], dic
             atomic_write_json(tmp / "info.json", info)
         return records, info
 
+
+
+def retrain_key(model_run: Path, keep) -> str:
+    """Identity of a counterfactual retrain: the pretraining run it repeats and the kept passages."""
+    import numpy as np
+
+    keep = np.asarray(keep, dtype=bool)
+    run = read_json(Path(model_run) / "pretrain.json")["run_key"]
+    return config_hash({"run": run, "n": int(keep.size), "keep": hashlib.sha256(np.packbits(keep).tobytes()).hexdigest()})
+
+
+def retrain_stage(artifacts: Path, model_run: Path, world: Path, masks, threads: int | None = None,
+                  device=None, progress: bool = False) -> list[dict]:
+    """The outcomes of retraining ``model_run`` on each keep mask, each computed once.
+
+    Outcomes are cached per (run, kept passages) under ``artifacts/retrains``
+    and shared by every method and job. Jobs running at once share the work:
+    each first takes the retrains no other job holds, then waits for the rest,
+    so a sweep's jobs under the parallel (or SLURM) launcher retrain in parallel.
+    """
+    from filelock import FileLock, Timeout
+
+    from ..io import ArtifactError, atomic_write_json_checked, read_json_checked
+    from ..lm.retrain import retrain
+    from ..runtime import compute_stage
+
+    out_dir = Path(artifacts) / "retrains" / Path(model_run).name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (Path(artifacts) / "locks").mkdir(parents=True, exist_ok=True)
+    keys = [retrain_key(model_run, m) for m in masks]
+    outcomes: dict[int, dict] = {}
+
+    def cached(path: Path) -> dict | None:
+        if not path.is_file():
+            return None
+        try:
+            return read_json_checked(path)
+        except ArtifactError as exc:
+            logging.getLogger("trackstar").warning("%s; retraining it", exc)
+            return None
+
+    pending = list(range(len(masks)))
+    bar = tqdm(total=len(pending), disable=not progress, desc="retrains", unit="model")
+    for wait in (False, True):  # first what no other job holds, then wait for the rest
+        left = []
+        for i in pending:
+            lock = FileLock(str(Path(artifacts) / "locks" / f"retrain-{keys[i]}.lock"))
+            try:
+                lock.acquire(timeout=-1 if wait else 0)
+            except Timeout:
+                left.append(i)
+                continue
+            try:
+                path = out_dir / f"{keys[i]}.json"
+                outcome = cached(path)
+                if outcome is None:
+                    with compute_stage(artifacts, threads):
+                        outcome = retrain(model_run, world, masks[i], device=device)
+                    atomic_write_json_checked(path, outcome)
+                outcomes[i] = outcome
+            finally:
+                lock.release()
+            bar.update(1)
+        pending = left
+    bar.close()
+    return [outcomes[i] for i in range(len(masks))]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..evaluation.counterfactual import is_counterfactual_metric
 from ..evaluation.metrics import RETRIEVAL_METRICS, proponent_correctness
 from ..wandb_mode import MODES, logged_in, resolve_mode  # noqa: F401 (re-exported)
 from .record import WANDB_CONFIG_KEY, RunRecord
@@ -33,7 +34,8 @@ def wandb_summary(record: RunRecord) -> dict:
 
 def per_query_rows(retrievals: Sequence[dict], per_query: pd.DataFrame) -> tuple[list[str], list[list]]:
     """Columns and rows of the per-query table: prompt, target, top proponents, metrics."""
-    metrics = [c for c in per_query.columns if c in (*RETRIEVAL_METRICS, "greedy_correct") or c.startswith("tail_patch@")]
+    metrics = [c for c in per_query.columns if c in (*RETRIEVAL_METRICS, "greedy_correct")
+               or c.startswith("tail_patch@") or is_counterfactual_metric(c)]
     by_id = per_query.set_index("example_id")
     columns = ["example_id", "prompt", "target", "relation", "bucket", *metrics]
     for i in range(TOP_IN_TABLE):

@@ -30,6 +30,7 @@ REFERENCES: dict[str, tuple[tuple[str, Callable[[pd.Series], bool]], ...]] = {
     "table1": METHOD_REFERENCES,
     "table2": METHOD_REFERENCES,
     "table_a6": METHOD_REFERENCES,
+    "table_c1": (*METHOD_REFERENCES, ("Random scores", lambda r: r["method"] == "random")),
     "table_a3": (("loss", lambda r: r["output_fn"] == "loss"),),
     "table_a4": (("d=4096", lambda r: r["projection"] == "gaussian" and int(r["d"]) == 4096),),
     "table_a5": (("TrackStar", lambda r: bool(r["use_v"]) and r["curvature"] == "mix" and bool(r["unit_norm"])
@@ -78,7 +79,7 @@ def paired_table(table: PaperTable) -> PaperTable | None:
         if len(matches) != 1:
             continue
         ref = rows.iloc[matches[0]]
-        for c in table.columns:
+        for c in (c for c in table.columns if c.paired):
             key = f"paired/{ref_label}/{c.key}"
             columns.append(Column(f"Δ {c.header} vs {ref_label}", key))
             stats_ = []
