@@ -288,3 +288,19 @@ def test_counterfactual_cell_end_to_end(tmp_path):
     assert per_query["loo_drop@10"].notna().sum() == 3
     table = TABLES["table_c1"](load_local_runs(tmp_path / "res").frame)
     assert [m for m in table.rows["method"]] == ["bm25", "random"]
+
+
+def test_a_retrain_whose_loss_blows_up_is_recorded_as_diverged(micro_world, micro_checkpoint_dir, monkeypatch):
+    import trackstar.lm.retrain as retrain_module
+
+    real = retrain_module.train_step
+    steps = []
+
+    def blows_up(*args, **kwargs):
+        steps.append(1)
+        return float("nan") if len(steps) == 3 else real(*args, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "train_step", blows_up)
+    outcome = retrain(micro_checkpoint_dir.parent, micro_world.path)
+    assert outcome["status"] == "diverged" and outcome["diverged_at_step"] == 2
+    assert outcome["target_logprob"] == {} and len(steps) == 3  # stopped at once, nothing measured
