@@ -419,12 +419,14 @@ def test_optimizer_from_another_model_is_refused(tokenizer):
 
 
 # ---------------------------------------------------------------- projection
+@pytest.mark.parametrize("extra", [0, 5], ids=["equal-shares", "balanced-truncated"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_two_sided_projection_equals_dense_kronecker(arch, tokenizer):
+def test_two_sided_projection_equals_dense_kronecker(arch, extra, tokenizer):
     model = MAKERS[arch]()
     sites = block_linear_sites(model)
-    d = 16 * len(sites)
+    d = 16 * len(sites) + extra  # + 5: unequal shares, kept from a larger rectangle
     proj = Projector(sites, "gaussian", d, seed=7)
+    assert proj.dim == d and any(b.truncated for b in proj.blocks) == bool(extra)
     examples = [training_example(tokenizer, t, i, 24) for i, t in enumerate(TRAIN[:3])]
     got = lib_features(model, tokenizer, examples, sites=sites, projector=proj).double()
     names = ref_param_names(model)
@@ -434,7 +436,7 @@ def test_two_sided_projection_equals_dense_kronecker(arch, tokenizer):
         for s in sites:
             size = s.out_features * s.in_features
             left, right = proj.matrices(s.name)
-            parts.append(torch.kron(left.double(), right.double()) @ g[off:off + size])
+            parts.append((torch.kron(left.double(), right.double()) @ g[off:off + size])[:proj.by_name[s.name].size])
             off += size
         want = torch.cat(parts)
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
@@ -471,14 +473,15 @@ def test_inner_products_are_preserved_as_d_grows(tokenizer):
     assert errors[2] < 0.3 and errors[2] < errors[0] / 3
 
 
-def test_projection_is_unbiased_in_every_layer():
-    """E||P_L G P_R^T||^2 = ||G||^2 for each layer: no layer is mis-scaled."""
+@pytest.mark.parametrize("extra", [0, 3], ids=["equal-shares", "balanced-truncated"])
+def test_projection_is_unbiased_in_every_layer(extra):
+    """E||P_L G P_R^T||^2 = ||G||^2 for each layer: no layer is mis-scaled, truncated or not."""
     sites = block_linear_sites(make_gpt2(width=16))
     torch.manual_seed(0)
     gs = {s.name: torch.randn(1, *s.shape) for s in sites}
     ratios = {s.name: [] for s in sites}
     for seed in range(300):
-        proj = Projector(sites, "gaussian", 16 * len(sites), seed)
+        proj = Projector(sites, "gaussian", 16 * len(sites) + extra, seed)
         for s in sites:
             y = proj.project_dense(s.name, gs[s.name])
             ratios[s.name].append((y.norm() ** 2 / gs[s.name].norm() ** 2).item())
@@ -489,9 +492,48 @@ def test_projection_is_unbiased_in_every_layer():
 def test_impossible_d_is_refused_with_valid_suggestions():
     sites = block_linear_sites(make_llama())  # 14 parameters
     with pytest.raises(ProjectionError, match="divisible by 14"):
-        Projector(sites, "gaussian", 100)
+        Projector(sites, "gaussian", 100, split="equal")
     with pytest.raises(ProjectionError, match="cannot be factored"):
-        Projector(sites, "gaussian", 14 * 16 * 33 * 2)  # share > O*I of a 16x16 layer
+        Projector(sites, "gaussian", 14 * 16 * 33 * 2, split="equal")  # share > O*I of a 16x16 layer
+    total = sum(s.out_features * s.in_features for s in sites)
+    with pytest.raises(ProjectionError, match=f"exceeds the {total} entries"):
+        Projector(sites, "gaussian", total + 1)
+    with pytest.raises(ProjectionError, match="choose d >= 14"):
+        Projector(sites, "gaussian", 13)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_balanced_split_takes_any_d_and_is_the_equal_split_where_that_works(arch):
+    sites = block_linear_sites(MAKERS[arch]())
+    total = sum(s.out_features * s.in_features for s in sites)
+    for d in (len(sites), len(sites) + 1, 100, len(sites) * 16, 4096, total - 1, total):
+        blocks = Projector(sites, "gaussian", d).blocks
+        assert sum(b.size for b in blocks) == d and blocks[-1].stop == d
+        assert all(b.size <= b.out_features * b.in_features and b.p_left <= b.out_features
+                   and b.p_right <= b.in_features for b in blocks)
+        sizes = sorted(b.size for b in blocks if b.size < b.out_features * b.in_features)
+        assert not sizes or sizes[-1] - sizes[0] <= 1  # as equal as the layer sizes allow
+        try:
+            equal = Projector(sites, "gaussian", d, split="equal").blocks
+        except ProjectionError:
+            continue
+        assert equal == blocks
+
+
+@pytest.mark.filterwarnings("ignore:No optimizer state was given")
+def test_default_settings_run_on_gpt2_llama_and_gpt_neox(tokenizer, tmp_path):
+    """d = 4096 on any family, whatever its number of weight matrices (Llama: 7 per layer)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=len(WORDS), hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=24, bos_token_id=1, eos_token_id=1)).eval()
+    for name, model in (("gpt2", make_gpt2()), ("llama", make_llama()), ("neox", neox)):
+        ts = TrackStar(model, tokenizer, AttributionSettings(), work_dir=tmp_path / name)
+        result = ts.attribute(TRAIN, QUERIES[:2])
+        assert ts.projector.dim == 4096 and len(ts.sites) == (14 if name == "llama" else 8), name
+        assert all(np.isfinite(s).all() for s in result.proponent_scores) and len(result.proponent_ids[0]) == len(TRAIN)
 
 
 def test_split_rule_follows_layer_aspect():

@@ -222,7 +222,7 @@ def test_non_numeric_metric_is_named_with_its_file(tmp_path):
     ("eval.n_queries=-5", "eval.n_queries=-5: give a positive number"),
     ("eval.n_queries=0", "eval.n_queries=0: give a positive number"),
     ("method.lam=abc", "method.lam='abc'"),
-    ("method.d=100", "method.d=100: d=100 cannot be split equally over the 8 parameters"),
+    ("method.d=5", "method.d=5: d=5 leaves some of the 8 parameters being attributed without a dimension"),
     ("stage_threads=0", "stage_threads=0"),
 ])
 def test_bad_values_are_refused_before_any_work(tmp_path, override, match):

@@ -103,7 +103,7 @@ class TrackStar:
         self.sites = (
             all_parameter_sites(model) if settings.params == "all" else block_linear_sites(model)
         )
-        self.projector = Projector(self.sites, settings.projection, settings.d, settings.seed)
+        self.projector = Projector(self.sites, settings.projection, settings.d, settings.seed, settings.split)
         self.limit = context_length(model)
         self.model_id, self.model_hash = model_fingerprint(model)
         # V is read (or estimated) once per TrackStar object and reused.

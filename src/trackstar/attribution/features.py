@@ -117,7 +117,7 @@ class FeatureExtractor:
             a = a @ right.T if right is not None else (a * col if col is not None else a)
             if padded:
                 a, b = torch.where(mask, a, 0.0), torch.where(mask, b, 0.0)
-            block[:] = torch.bmm(b.transpose(1, 2), a).flatten(1)
+            block[:] = self.projector.keep(site.name, torch.bmm(b.transpose(1, 2), a).flatten(1))
         if not bool(torch.isfinite(out).all()):
             # Slow path, only on failure: find the first example and parameter.
             for site in self.sites:

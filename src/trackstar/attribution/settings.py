@@ -37,6 +37,10 @@ class AttributionSettings:
     v_estimate_batches: when no optimizer state is given, V is estimated as
         the mean squared mini-batch gradient over this many training batches.
     projection, d, seed: the random projection P_d (§1.4).
+    split: how d is shared among the attributed weight matrices: ``balanced``
+        (any d, shares as equal as possible) or ``equal`` (d / L each, which
+        must divide and factor); they agree wherever ``equal`` works (see
+        :mod:`.projection`).
     curvature, lam, damping, block_diagonal: R and R^{-1/2} (§1.5).
     unit_norm: normalize each feature to unit length after R^{-1/2}.
     k: number of proponents and opponents kept per query.
@@ -60,6 +64,7 @@ class AttributionSettings:
     projection: Literal["identity", "gaussian"] = "gaussian"
     d: int = 4096
     seed: int = 0
+    split: Literal["balanced", "equal"] = "balanced"
     curvature: Curvature = "mix"
     lam: Union[float, str] = 0.99
     damping: float = 0.1
@@ -79,6 +84,7 @@ class AttributionSettings:
             "output_fn": OUTPUT_FNS,
             "reduction": ("mean", "sum"),
             "projection": PROJECTIONS,
+            "split": ("balanced", "equal"),
             "curvature": CURVATURES,
             "params": PARAM_SETS,
             "storage_dtype": STORAGE_DTYPES,

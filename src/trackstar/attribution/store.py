@@ -171,7 +171,7 @@ class FeatureStore:
         return is_complete(self.path)
 
     def layer_slices(self) -> list[tuple[str, slice]]:
-        return [(b["name"], slice(b["offset"], b["offset"] + b["p_left"] * b["p_right"]))
+        return [(b["name"], slice(b["offset"], b["offset"] + b.get("keep", b["p_left"] * b["p_right"])))
                 for b in self.meta["layout"]]
 
     @staticmethod

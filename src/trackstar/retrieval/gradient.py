@@ -69,7 +69,7 @@ class GradientRetriever(Retriever):
         s = self.attribution
         sites = all_parameter_sites(model) if s.params == "all" else block_linear_sites(model)
         try:
-            Projector(sites, s.projection, s.d, s.seed)
+            Projector(sites, s.projection, s.d, s.seed, s.split)
         except ValueError as exc:
             raise ValueError(f"method.d={s.d}: {exc}") from None
 
