@@ -61,6 +61,8 @@ def test_every_group_option_composes():
             overrides = [f"{group}={option.stem}"]
             if option.stem == "hf":
                 overrides.append("model.hf_name_or_path=/some/local/model")
+            if group == "world" and option.stem == "release":
+                overrides.append(f"world.path={ROOT / 'tests' / 'fixtures' / 'release'}")
             if option.stem == "medium":
                 # The strict equal split needs d divisible by medium's 24 matrices; the default does not.
                 with pytest.raises(ConfigError, match="method.d=4096: .* divisible by 24"):

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .experiment.stages import model_dir, pretrain_config, stage_lock, world_dir
+from .experiment.stages import model_dir, pretrain_config, release_world_dir, stage_lock, world_dir
 from .errors import debug_requested, describe_error
 from .io import ArtifactError, read_json
 from .runtime import compute_stage
@@ -46,13 +46,21 @@ def _pretrain_config(args):
 
 def cmd_world(args) -> Path:
     from .world import build_world
+    from .world.release import world_from_release
 
-    out = Path(args.out) if args.out else world_dir(_artifacts_root(args.artifacts), args.profile, args.seed)
     t0 = time.perf_counter()
-    path = build_world(out, args.profile, args.seed)
+    if getattr(args, "from_release", None):
+        out = Path(args.out) if args.out else release_world_dir(_artifacts_root(args.artifacts), args.from_release,
+                                                                args.queries_per_bucket, args.seed)
+        path = world_from_release(args.from_release, out, args.queries_per_bucket, args.seed)
+        name = f"from the release in {args.from_release}"
+    else:
+        out = Path(args.out) if args.out else world_dir(_artifacts_root(args.artifacts), args.profile, args.seed)
+        path = build_world(out, args.profile, args.seed)
+        name = args.profile
     counts = read_json(path / "manifest.json")["counts"]
     print(
-        f"world {args.profile} seed={args.seed} at {path} ({time.perf_counter() - t0:.1f}s): "
+        f"world {name} seed={args.seed} at {path} ({time.perf_counter() - t0:.1f}s): "
         f"{counts['facts']} facts, {counts['sentences']} closed-set sentences, "
         f"{counts['documents']} documents, {counts['queries']} queries"
     )
@@ -227,9 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
         p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 
-    p = sub.add_parser("world", parents=[common], help="build (or reuse) an embedded fact world")
+    p = sub.add_parser("world", parents=[common], help="build (or reuse) an embedded fact world, or one from the paper's release")
     world_args(p, "tiny")
     p.add_argument("--out", help="output directory (default ARTIFACTS/worlds/PROFILE-sSEED)")
+    p.add_argument("--from-release", metavar="DIR",
+                   help="the release's trex_facts.jsonl and trex_sentences.jsonl-* in DIR, as a world (--profile is ignored)")
+    p.add_argument("--queries-per-bucket", type=int, default=900,
+                   help="with --from-release: facts sampled per frequency bucket as queries (default 900: the paper's 5.4k)")
     p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("pretrain", parents=[common], help="pretrain (or resume) one of our LMs on a world's corpus")

@@ -50,11 +50,27 @@ def _container(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+#: Keys added to a config group after runs existed: left unset (null), they are left
+#: out of run identities, so those runs keep their directories and ids.
+LATER_KEYS = {"world": ("path", "queries_per_bucket")}
+
+
+def _stable(part, group: str | None = None):
+    """``part`` as it enters a run's identity (see LATER_KEYS); None: left out entirely
+    (a disabled counterfactual block)."""
+    if not isinstance(part, dict):
+        return part
+    if part.get("enabled") is False:
+        return None
+    if group is None and {"profile", "seed"} <= set(part):
+        group = "world"
+    later = LATER_KEYS.get(group, ())
+    return {k: v for k, v in part.items() if not (k in later and v is None)}
+
+
 def _run_id(*nodes) -> str:
-    # A disabled counterfactual block is left out, so runs without it keep the
-    # directories and identities they had before it existed.
-    parts = [_container(n) for n in nodes]
-    return config_hash([p for p in parts if not (isinstance(p, dict) and p.get("enabled") is False)], 8)
+    parts = [_stable(_container(n)) for n in nodes]
+    return config_hash([p for p in parts if p is not None], 8)
 
 
 OmegaConf.register_new_resolver("ts_run_id", _run_id, replace=True)
@@ -63,9 +79,8 @@ register_schema()
 
 def config_id(cfg: DictConfig) -> str:
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if not resolved.get("counterfactual", {}).get("enabled"):
-        resolved.pop("counterfactual", None)  # see _run_id
-    return config_hash({k: v for k, v in resolved.items() if k not in RUNTIME_KEYS})
+    stable = {k: _stable(v, k) for k, v in resolved.items() if k not in RUNTIME_KEYS}
+    return config_hash({k: v for k, v in stable.items() if v is not None})
 
 
 def counterfactual_settings(cfg: DictConfig):
@@ -115,12 +130,11 @@ def validate(cfg: DictConfig):
     from ..attribution.store import check_shard
     from ..device import resolve_device
     from ..runtime import stage_threads
-    from ..world import get_profile
     from ..world.store import check_seed
     from .tracking import resolve_mode
 
     try:
-        get_profile(cfg.world.profile)
+        _check_world(cfg.world)
         check_seed(cfg.world.seed)
         if not cfg.model.hf_name_or_path:
             check_family(cfg.model.family)
@@ -153,6 +167,24 @@ def validate(cfg: DictConfig):
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return retriever
+
+
+def _check_world(world_cfg) -> None:
+    from ..world import get_profile
+    from ..world.release import FACTS_FILE, RELEASE_PROFILE
+
+    if world_cfg.profile != RELEASE_PROFILE:
+        get_profile(world_cfg.profile)
+        return
+    if OmegaConf.is_missing(world_cfg, "path") or not world_cfg.path:
+        raise ValueError("world=release needs world.path=DIR, the directory of the release's trex_facts.jsonl "
+                         "and trex_sentences.jsonl-* files.")
+    if not (Path(world_cfg.path).expanduser() / FACTS_FILE).is_file():
+        raise ValueError(f"world.path={world_cfg.path!r} has no {FACTS_FILE}; give the directory of the "
+                         "release's files.")
+    n = world_cfg.queries_per_bucket
+    if n is not None and (isinstance(n, bool) or n < 1):
+        raise ValueError(f"world.queries_per_bucket={n!r}: give a positive number, or null for 900.")
 
 
 def _check_counterfactual(cfg: DictConfig, retriever) -> None:

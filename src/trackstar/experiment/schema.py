@@ -15,8 +15,14 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class WorldConf:
+    #: micro, tiny, small or full (the embedded world), or ``release``: the
+    #: paper's release files in ``path`` (world=release world.path=DIR).
     profile: str = "tiny"
     seed: int = 0
+    #: With profile=release: the directory of trex_facts.jsonl and trex_sentences.jsonl-*.
+    path: Optional[str] = None
+    #: With profile=release: facts sampled per frequency bucket as queries (null: 900).
+    queries_per_bucket: Optional[int] = None
 
 
 @dataclass

@@ -32,6 +32,17 @@ def world_dir(artifacts: Path, profile: str, seed: int) -> Path:
     return Path(artifacts) / "worlds" / f"{profile}-s{seed}"
 
 
+#: Queries per frequency bucket of a release world when the config leaves it unset (the paper's 5.4k / 6).
+RELEASE_QUERIES_PER_BUCKET = 900
+
+
+def release_world_dir(artifacts: Path, release: str | Path, queries_per_bucket: int, seed: int) -> Path:
+    """Where the world of a release directory lives, keyed by the release files and the sampling."""
+    from ..world.release import release_key
+
+    return Path(artifacts) / "worlds" / f"release-{release_key(release, queries_per_bucket, seed)[:12]}"
+
+
 def model_dir(artifacts: Path, world: Path, config) -> Path:
     """Where the pretraining run of ``config`` on ``world`` lives (keyed by its run key)."""
     from ..lm.pretrain import run_key
@@ -55,8 +66,16 @@ def pretrain_config(model_cfg):
 
 
 def build_world_stage(artifacts: Path, world_cfg) -> Path:
+    """The world of ``world_cfg``: an embedded profile, or (``profile: release``) the
+    paper's release files in ``world.path``."""
     from ..world import build_world
+    from ..world.release import RELEASE_PROFILE, world_from_release
 
+    if world_cfg.profile == RELEASE_PROFILE:
+        per_bucket = world_cfg.get("queries_per_bucket") or RELEASE_QUERIES_PER_BUCKET
+        path = release_world_dir(artifacts, world_cfg.path, per_bucket, world_cfg.seed)
+        with stage_lock(artifacts, f"world-{path.name}"):
+            return world_from_release(world_cfg.path, path, per_bucket, world_cfg.seed)
     path = world_dir(artifacts, world_cfg.profile, world_cfg.seed)
     with stage_lock(artifacts, f"world-{path.name}"):
         return build_world(path, world_cfg.profile, world_cfg.seed)

@@ -71,7 +71,7 @@ def validate_records(kind: str, records: Iterable[dict], source: str) -> None:
         missing = [f for f in fields if f not in rec]
         if missing:
             raise SchemaError(
-                f"{source}: {kind} record {i} ({_record_name(rec)}) lacks field(s) {missing}. "
+                f"{source}: {kind} record {i} (line {i + 1}, {_record_name(rec)}) lacks field(s) {missing}. "
                 f"A {kind} record needs: {', '.join(fields)}."
             )
         for name, typ in fields.items():
@@ -79,14 +79,14 @@ def validate_records(kind: str, records: Iterable[dict], source: str) -> None:
             # bool is an int subclass; an int field must not accept True/False.
             if (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
                 raise SchemaError(
-                    f"{source}: {kind} record {i} ({_record_name(rec)}) field {name!r} is "
+                    f"{source}: {kind} record {i} (line {i + 1}, {_record_name(rec)}) field {name!r} is "
                     f"{type(value).__name__} {value!r}, expected {getattr(typ, '__name__', typ)}."
                 )
         if "fact_triples" in fields:
             for triple in rec["fact_triples"]:
                 if not (isinstance(triple, list) and len(triple) == 3 and all(isinstance(t, str) for t in triple)):
                     raise SchemaError(
-                        f"{source}: {kind} record {i} ({_record_name(rec)}) has a malformed "
+                        f"{source}: {kind} record {i} (line {i + 1}, {_record_name(rec)}) has a malformed "
                         f"fact triple {triple!r}; expected [entity0_uri, relation, entity1_uri]."
                     )
 
