@@ -205,13 +205,12 @@ def dense_correction(name: str, multiplier: torch.Tensor, adam_mode: str) -> Lay
 
 
 def _kind(state: dict, group: dict) -> str:
-    if "row_var" in state or ("variance" in state and "beta2_decay" in group):
-        return "torch_adafactor"
-    if "exp_avg_sq_row" in state or ("exp_avg_sq" in state and "decay_rate" in group):
-        return "hf_adafactor"
-    if "exp_avg_sq" in state and "betas" in group:
-        return "adam"
-    return "unknown"
+    from ..lm.external_optimizer import OptimizerStateError, state_kind
+
+    try:
+        return state_kind(state, group)
+    except OptimizerStateError:
+        return "unknown"
 
 
 def second_moment_from_optimizer(

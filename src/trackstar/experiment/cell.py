@@ -52,7 +52,7 @@ def _container(node):
 
 #: Keys added to a config group after runs existed: left unset (null), they are left
 #: out of run identities, so those runs keep their directories and ids.
-LATER_KEYS = {"world": ("path", "queries_per_bucket")}
+LATER_KEYS = {"world": ("path", "queries_per_bucket"), "model": ("optimizer_state", "learning_rate")}
 
 
 def _stable(part, group: str | None = None):
@@ -64,6 +64,8 @@ def _stable(part, group: str | None = None):
         return None
     if group is None and {"profile", "seed"} <= set(part):
         group = "world"
+    elif group is None and {"family", "size", "optimizer"} <= set(part):
+        group = "model"
     later = LATER_KEYS.get(group, ())
     return {k: v for k, v in part.items() if not (k in later and v is None)}
 
@@ -151,6 +153,7 @@ def validate(cfg: DictConfig):
         n = cfg.eval.n_queries
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"eval.n_queries={n!r}: give a positive number of queries, or null for all of them.")
+        _check_optimizer_state(cfg.model)
         if retriever.family == "gradient" or cfg.model.hf_name_or_path:  # a Hugging Face model must load for any method
             retriever.check_model(_skeleton(cfg.model))
         if cfg.eval.k < max(cfg.eval.tail_patch_ks, default=1):
@@ -185,6 +188,20 @@ def _check_world(world_cfg) -> None:
     n = world_cfg.queries_per_bucket
     if n is not None and (isinstance(n, bool) or n < 1):
         raise ValueError(f"world.queries_per_bucket={n!r}: give a positive number, or null for 900.")
+
+
+def _check_optimizer_state(model_cfg) -> None:
+    if model_cfg.optimizer_state is None and model_cfg.learning_rate is None:
+        return
+    if not model_cfg.hf_name_or_path:
+        raise ValueError("model.optimizer_state and model.learning_rate are for a Hugging Face model "
+                         "(model.hf_name_or_path); our own models carry their optimizer state.")
+    if model_cfg.optimizer_state is not None and not Path(model_cfg.optimizer_state).expanduser().is_file():
+        raise ValueError(f"model.optimizer_state={model_cfg.optimizer_state!r}: no such file.")
+    if model_cfg.learning_rate is not None and not model_cfg.learning_rate > 0:
+        raise ValueError(f"model.learning_rate={model_cfg.learning_rate!r}: give a positive learning rate.")
+    if model_cfg.optimizer_state is None:
+        raise ValueError("model.learning_rate needs model.optimizer_state: tail-patch steps with the optimizer.")
 
 
 def _check_counterfactual(cfg: DictConfig, retriever) -> None:
@@ -237,7 +254,14 @@ def _model(cfg: DictConfig, artifacts: Path, world_path: Path, device):
     from ..lm import load_checkpoint, load_hf_causal_lm
 
     if cfg.model.hf_name_or_path:
-        return load_hf_causal_lm(cfg.model.hf_name_or_path, device=device), None, f"hf:{cfg.model.hf_name_or_path}"
+        checkpoint, ident = load_hf_causal_lm(cfg.model.hf_name_or_path, device=device), f"hf:{cfg.model.hf_name_or_path}"
+        if cfg.model.optimizer_state:
+            from ..lm.external_optimizer import attach_optimizer_state
+
+            attach_optimizer_state(checkpoint, Path(cfg.model.optimizer_state).expanduser(), cfg.model.learning_rate)
+            # V and tail-patch depend on the state and the rate: their caches must too.
+            ident += f"+opt-{sha256_file(Path(cfg.model.optimizer_state).expanduser())[:12]}-lr{checkpoint.learning_rate:g}"
+        return checkpoint, None, ident
     model_run = pretrain_stage(artifacts, world_path, cfg.model, progress=cfg.progress, threads=cfg.stage_threads,
                                device=device)
     ckpt_path = checkpoint_path(model_run, cfg.model.checkpoint)

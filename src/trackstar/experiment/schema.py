@@ -40,6 +40,12 @@ class ModelConf:
     #: A Hugging Face causal LM (hub name or local path) instead of our own.
     #: It has no optimizer state: V is estimated and tail-patch is skipped.
     hf_name_or_path: Optional[str] = None
+    #: With hf_name_or_path: its published optimizer state (a torch
+    #: optimizer.state_dict() of Adam/AdamW or Adafactor, by parameter name or
+    #: position), so V is exact and tail-patch runs.
+    optimizer_state: Optional[str] = None
+    #: The learning rate tail-patch steps with (null: the state's own lr).
+    learning_rate: Optional[float] = None
 
 
 @dataclass
