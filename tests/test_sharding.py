@@ -62,6 +62,37 @@ def test_three_shards_give_the_unsharded_results(checkpoint, micro_world, tmp_pa
     assert result.lam == whole.lam
 
 
+@pytest.mark.parametrize("extracted_in_shards", [True, False])
+def test_sharded_scoring_merges_to_the_unsharded_top_k(checkpoint, micro_world, tmp_path, extracted_in_shards):
+    """Each scoring job ranks its shard's rows; attribute() merges them, exactly."""
+    texts, queries = _inputs(micro_world)
+    whole = _engine(checkpoint, tmp_path / "whole").attribute(texts, queries)
+    engine = _engine(checkpoint, tmp_path / "sharded")
+    if extracted_in_shards:
+        for index in range(3):
+            engine.extract_shard(texts, index, 3)
+    else:
+        engine.attribute(texts, queries[:1])  # the whole store, written by one job
+    engine.prepare_scoring(texts, queries, shards=3)
+    files = [engine.score_shard(texts, queries, index, 3) for index in (1, 2, 0)]
+    assert len({f.parent for f in files}) == 1 and len(files) == 3
+    merged = _engine(checkpoint, tmp_path / "sharded")  # a fresh reduce job
+    import trackstar.attribution.api as api
+
+    streamed = []
+    original = api.top_k
+    api.top_k = lambda *a, **kw: streamed.append(1) or original(*a, **kw)
+    try:
+        result = merged.attribute(texts, queries, shards=3)
+    finally:
+        api.top_k = original
+    assert not streamed  # the reduce merged the shards' rankings instead of scoring every row
+    assert result.proponent_ids == whole.proponent_ids and result.opponent_ids == whole.opponent_ids
+    np.testing.assert_allclose(result.proponent_scores, whole.proponent_scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.opponent_scores, whole.opponent_scores, rtol=1e-4, atol=1e-6)
+    assert result.lam == whole.lam
+
+
 def test_missing_or_mismatched_shards_are_named(checkpoint, micro_world, tmp_path):
     texts, queries = _inputs(micro_world)
     engine = _engine(checkpoint, tmp_path)
@@ -82,6 +113,8 @@ def test_shard_config_is_checked_before_any_work():
         validate(compose_config(["shard.count=2", "shard.index=5"]))
     with pytest.raises(ConfigError, match="sharding splits gradient feature extraction"):
         validate(compose_config(["method=bm25", "shard.count=2"]))
+    with pytest.raises(ConfigError, match="shard.step='reduce': use one of"):
+        validate(compose_config(["shard.count=2", "shard.index=0", "shard.step=reduce"]))
 
 
 def test_sharded_sweep_through_hydra_equals_the_unsharded_cell(tmp_path):
@@ -94,6 +127,13 @@ def test_sharded_sweep_through_hydra_equals_the_unsharded_cell(tmp_path):
                           "shard.index=0,1,2"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("[shard ") == 3
+    # The second map: each job ranks its shard's rows; the reduce then only merges.
+    out = subprocess.run([sys.executable, "-m", "trackstar.experiment.run", "-m", *common, "shard.count=3",
+                          "shard.index=0,1,2", "shard.step=score"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("] ranked in ") == 3
+    assert len(list((tmp_path / "art").rglob("topk/*/shard-*-of-00003.pt"))) == 3
     sharded = run_cell(compose_config([*common, "shard.count=3"]))
     whole = run_cell(compose_config([*common, f"artifacts_dir={tmp_path / 'art-whole'}",
                                      f"results_dir={tmp_path / 'res-whole'}"]))

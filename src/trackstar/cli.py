@@ -159,7 +159,7 @@ def cmd_sanity(args) -> None:
 
 def cmd_run(args) -> None:
     """One cell (world, model, method, corpus) through the same function as trackstar-run."""
-    from .experiment.cell import compose_config, extract_shard, run_cell
+    from .experiment.cell import compose_config, run_cell, shard_job
 
     overrides = list(args.override)
     if args.artifacts:
@@ -168,7 +168,7 @@ def cmd_run(args) -> None:
         overrides.append(f"artifacts_dir={os.environ['TRACKSTAR_ARTIFACTS']}")
     cfg = compose_config(overrides)
     if cfg.shard.index is not None:  # the map step of a sharded run
-        extract_shard(cfg)
+        shard_job(cfg)
         return
     record = run_cell(cfg)
     for name, stats in record.metrics.items():

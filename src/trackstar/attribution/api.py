@@ -10,6 +10,7 @@ top-k.
 
 from __future__ import annotations
 
+import io
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,14 +19,14 @@ from pathlib import Path
 import torch
 
 from ..device import check_model_dtype
-from ..io import ArtifactError, config_hash, is_complete
+from ..io import ArtifactError, atomic_write_checked, config_hash, is_complete, read_checked
 from .curvature import CurvatureCache, Whitening, auto_lambda, mix
 from .features import FeatureExtractor, extract_to_store
 from .gradients import all_parameter_sites, block_linear_sites
 from ..lm.data import context_length
 from .output import Example, collate, query_example, training_example
 from .projection import Projector
-from .scoring import TopK, faiss_top_k, score_chunks, top_k, unit_normalize
+from .scoring import TopK, faiss_top_k, merge_top_k, score_chunks, top_k, unit_normalize
 from .second_moment import SecondMoment, estimate_second_moment, second_moment_from_optimizer
 from .settings import AttributionSettings
 from .store import (
@@ -277,6 +278,66 @@ class TrackStar:
         query = self.featurize(query_examples, "query", query_ids, v)
         return train, query, query_ids, v
 
+    # --- sharded scoring: each job ranks its shard's rows, the reduce merges -------------------
+    def _topk_dir(self, train, query) -> Path:
+        s = self.settings
+        key = config_hash({"train": train.path.name, "query": query.path.name, "k": s.k,
+                           "transform": [s.curvature, s.lam, s.damping, s.block_diagonal, s.unit_norm]})
+        return self.work_dir / "topk" / key
+
+    @staticmethod
+    def _shard_topk_file(index: int, count: int) -> str:
+        return f"shard-{index:05d}-of-{count:05d}.pt"
+
+    def score_shard(self, train_texts: Sequence[str], queries: Sequence, index: int, count: int,
+                    train_ids: Sequence | None = None) -> Path:
+        """The map step of sharded scoring: the top-k proponents and opponents among shard
+        ``index`` of ``count`` of the training rows, kept for :meth:`attribute` to merge.
+
+        Needs the whole training store, written by one job or by ``count`` shard
+        jobs (R comes from every row; it never extracts), but reads only its
+        shard's rows; the merged result equals unsharded scoring.
+        """
+        check_shard(index, count)
+        train, query, _, _ = self._stores(train_texts, queries, train_ids, count)
+        out = self._topk_dir(train, query) / self._shard_topk_file(index, count)
+        if out.is_file():
+            try:
+                read_checked(out)
+                return out
+            except ArtifactError:
+                pass  # damaged: rank the shard again
+        q, _, transform, _ = self._scoring_inputs(train, query)
+        start, stop = shard_bounds(train.n_rows, count)[index]
+        rows = max(self.settings.chunk_rows, (64 << 20) // (4 * train.d))
+        chunks = ((a, train.rows(a, min(a + rows, stop))) for a in range(start, stop, rows))
+        top = top_k(q, chunks, self.settings.k, transform, normalize_train=self.settings.unit_norm)
+        buffer = io.BytesIO()
+        torch.save({"proponent_rows": top.proponent_rows, "proponent_scores": top.proponent_scores,
+                    "opponent_rows": top.opponent_rows, "opponent_scores": top.opponent_scores}, buffer)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_checked(out, buffer.getvalue())
+        return out
+
+    def prepare_scoring(self, train_texts: Sequence[str], queries: Sequence, train_ids: Sequence | None = None,
+                        shards: int = 1) -> None:
+        """Write what every scoring shard reads (the query features, R and R^{-1/2}), so
+        shard jobs started after it only read; call it under a lock shared by those jobs."""
+        train, query, _, _ = self._stores(train_texts, queries, train_ids, shards)
+        self.whitening(train, query)
+
+    def _merged_shards(self, train, query) -> TopK | None:
+        """The top-k from every shard's ranking, when all of one shard count are there."""
+        folder = self._topk_dir(train, query)
+        counts = sorted({int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("shard-*-of-*.pt")}) if folder.is_dir() else []
+        for count in counts:
+            files = [folder / self._shard_topk_file(i, count) for i in range(count)]
+            if not all(f.is_file() for f in files):
+                continue
+            parts = [torch.load(io.BytesIO(read_checked(f)), weights_only=True) for f in files]
+            return merge_top_k([TopK(**part) for part in parts], self.settings.k)
+        return None
+
     def all_scores(self, train_texts: Sequence[str], queries: Sequence, train_ids: Sequence | None = None,
                    shards: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
         """Every training row's score for every query, streamed as ``(first row,
@@ -295,7 +356,11 @@ class TrackStar:
         :meth:`extract_shard` jobs (all ``shards`` of them); this merges and scores.
         """
         train, query, query_ids, v = self._stores(train_texts, queries, train_ids, shards)
-        top, whitening = self.score(train, query)
+        merged = self._merged_shards(train, query)
+        if merged is not None:  # the shards were ranked by jobs of their own
+            top, whitening = merged, self.whitening(train, query)
+        else:
+            top, whitening = self.score(train, query)
         ids = train.row_ids
         return AttributionResult(
             query_ids=query_ids,

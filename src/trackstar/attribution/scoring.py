@@ -88,6 +88,19 @@ def top_k(
     return TopK(p_i.cpu(), p_s.cpu(), o_i.cpu(), o_s.cpu())
 
 
+def merge_top_k(parts: list[TopK], k: int) -> TopK:
+    """The top-k over the union of several row sets' own top-k (row indices global): exact,
+    since each overall best row is among the best of its own set."""
+    def best(rows, scores, largest):
+        s, i = torch.cat(scores, dim=1), torch.cat(rows, dim=1)
+        top = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest, sorted=True)
+        return i.gather(1, top.indices), top.values
+
+    p_i, p_s = best([p.proponent_rows for p in parts], [p.proponent_scores for p in parts], True)
+    o_i, o_s = best([p.opponent_rows for p in parts], [p.opponent_scores for p in parts], False)
+    return TopK(p_i, p_s, o_i, o_s)
+
+
 def faiss_top_k(
     queries: torch.Tensor,
     train_chunks: Iterable[tuple[int, torch.Tensor]],

@@ -38,6 +38,9 @@ from .stages import (
 
 log = logging.getLogger("trackstar")
 
+#: What a shard job (shard.index set) does: extract its features, or rank its rows.
+SHARD_STEPS = ("extract", "score")
+
 #: Keys that do not change a run's results (left out of its identity).
 RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table", "stage_threads", "device", "shard")
 
@@ -162,6 +165,8 @@ def validate(cfg: DictConfig):
         stage_threads(cfg.stage_threads)
         resolve_device(cfg.device)
         _check_counterfactual(cfg, retriever)
+        if cfg.shard.step not in SHARD_STEPS:
+            raise ValueError(f"shard.step={cfg.shard.step!r}: use one of {SHARD_STEPS}.")
         if cfg.shard.count != 1 or cfg.shard.index is not None:
             check_shard(0 if cfg.shard.index is None else cfg.shard.index, cfg.shard.count, "shard")
             if retriever.family != "gradient":
@@ -268,10 +273,15 @@ def _model(cfg: DictConfig, artifacts: Path, world_path: Path, device):
     return load_checkpoint(ckpt_path, device=device), ckpt_path, f"{model_run.name}/{ckpt_path.name}"
 
 
-def extract_shard(cfg: DictConfig) -> Path:
-    """The map step of a sharded run (``shard.index`` set): one shard of the training
-    features and its part of R_train, into the cell's shared feature directory.
-    Writes no run record; the run with ``shard.count`` and no index scores."""
+def shard_job(cfg: DictConfig) -> Path:
+    """A map step of a sharded run (``shard.index`` set), into the cell's shared feature
+    directory; it writes no run record, the run with ``shard.count`` and no index does.
+
+    ``shard.step=extract``: one shard of the training features and its part of
+    R_train. ``shard.step=score``: once every shard is extracted, the top-k among
+    this shard's rows (the query features and R^{-1/2} are written once, under
+    the features' lock); the reduce then merges instead of scoring every row.
+    """
     from ..device import resolve_device
     from ..retrieval import RetrievalTask
     from ..runtime import compute_stage
@@ -279,15 +289,25 @@ def extract_shard(cfg: DictConfig) -> Path:
 
     retriever = validate(cfg)
     if cfg.shard.index is None:
-        raise ConfigError("extract_shard needs shard.index (0 to shard.count - 1).")
+        raise ConfigError("a shard job needs shard.index (0 to shard.count - 1).")
     device = resolve_device(cfg.device)
     artifacts = ensure_writable_dir(cfg.artifacts_dir, "artifacts_dir")
     world_path = build_world_stage(artifacts, cfg.world)
     world = load_world(world_path)
     checkpoint, _, ckpt_id = _model(cfg, artifacts, world_path, device)
     features = features_dir(artifacts, _stage_dir_name(ckpt_id), cfg.eval.corpus)
-    task = RetrievalTask(world, cfg.eval.corpus, [], cfg.eval.k, checkpoint, features, device, cfg.shard.count)
+    n = cfg.eval.n_queries
+    queries = world.queries if n is None else world.queries[:n]
+    task = RetrievalTask(world, cfg.eval.corpus, queries, cfg.eval.k, checkpoint, features, device, cfg.shard.count)
     t = time.perf_counter()
+    if cfg.shard.step == "score":
+        with stage_lock(artifacts, f"features-{features.parent.name}-{features.name}"), \
+                compute_stage(artifacts, cfg.stage_threads):
+            retriever.prepare_scoring(task)
+        with compute_stage(artifacts, cfg.stage_threads):
+            path = retriever.score_shard(task, cfg.shard.index)
+        print(f"[shard {cfg.shard.index}/{cfg.shard.count}] ranked in {path} ({time.perf_counter() - t:.1f}s)")
+        return path
     with compute_stage(artifacts, cfg.stage_threads):
         shard = retriever.extract_shard(task, cfg.shard.index)
     start, stop = shard.meta["shard"]["start"], shard.meta["shard"]["stop"]

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ..errors import debug_requested, describe_error
-from .cell import ConfigError, extract_shard, run_cell
+from .cell import ConfigError, run_cell, shard_job
 from .record import ATTEMPTS_DIR
 
 
@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         if cfg.shard.index is not None:  # the map step of a sharded run: features only, no record
-            extract_shard(cfg)
+            shard_job(cfg)
             return
         run_cell(cfg, run_dir, multirun=multirun, wandb_group=group)
     except ConfigError as exc:

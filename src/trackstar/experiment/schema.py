@@ -112,6 +112,11 @@ class ShardConf:
     #:   trackstar-run method=trackstar shard.count=3
     index: Optional[int] = None
     count: int = 1
+    #: What a job with ``index`` does: ``extract`` its shard's features (the
+    #: first map), or ``score``: rank its shard's rows against the queries once
+    #: every shard is extracted (a second map), so the reduce only merges:
+    #:   trackstar-run -m method=trackstar shard.count=3 shard.index=0,1,2 shard.step=score
+    step: str = "extract"
 
 
 @dataclass

@@ -85,6 +85,16 @@ class GradientRetriever(Retriever):
         corpus = Corpus.from_world(task.world, task.corpus)
         return self._engine(task).extract_shard(corpus.texts, index, task.shards, train_ids=corpus.ids)
 
+    def prepare_scoring(self, task: RetrievalTask) -> None:
+        """Write what each scoring shard job reads (query features, R^{-1/2})."""
+        corpus = Corpus.from_world(task.world, task.corpus)
+        self._engine(task).prepare_scoring(corpus.texts, _queries(task), train_ids=corpus.ids, shards=task.shards)
+
+    def score_shard(self, task: RetrievalTask, index: int):
+        """The top-k among shard ``index`` of ``task.shards`` of the training rows (a map job)."""
+        corpus = Corpus.from_world(task.world, task.corpus)
+        return self._engine(task).score_shard(corpus.texts, _queries(task), index, task.shards, train_ids=corpus.ids)
+
     def subset_sums(self, task: RetrievalTask, masks):
         corpus = Corpus.from_world(task.world, task.corpus)
         scores = self._engine(task).all_scores(corpus.texts, _queries(task), train_ids=corpus.ids, shards=task.shards)
