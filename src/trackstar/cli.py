@@ -50,14 +50,23 @@ def cmd_world(args) -> Path:
 
     t0 = time.perf_counter()
     if getattr(args, "from_release", None):
-        out = Path(args.out) if args.out else release_world_dir(_artifacts_root(args.artifacts), args.from_release,
+        out = Path(args.out) if args.out and not _corpus(args) else release_world_dir(_artifacts_root(args.artifacts), args.from_release,
                                                                 args.queries_per_bucket, args.seed)
         path = world_from_release(args.from_release, out, args.queries_per_bucket, args.seed)
         name = f"from the release in {args.from_release}"
     else:
-        out = Path(args.out) if args.out else world_dir(_artifacts_root(args.artifacts), args.profile, args.seed)
+        out = Path(args.out) if args.out and not _corpus(args) else world_dir(_artifacts_root(args.artifacts),
+                                                                              args.profile, args.seed)
         path = build_world(out, args.profile, args.seed)
         name = args.profile
+    spec = _corpus(args)
+    if spec is not None:
+        from .experiment.stages import corpus_world_stage
+        from .world.corpus import corpus_world
+
+        path = (corpus_world(path, spec, Path(args.out)) if args.out
+                else corpus_world_stage(_artifacts_root(args.artifacts), path, spec))
+        name += f" with the {spec.source} corpus {spec.name or spec.path} as its open set"
     counts = read_json(path / "manifest.json")["counts"]
     print(
         f"world {name} seed={args.seed} at {path} ({time.perf_counter() - t0:.1f}s): "
@@ -67,12 +76,27 @@ def cmd_world(args) -> Path:
     return path
 
 
+def _corpus(args):
+    """The --corpus-* arguments as a CorpusSpec, or None without --corpus-source."""
+    from .world.corpus import CorpusSpec
+
+    if not getattr(args, "corpus_source", None):
+        return None
+    return CorpusSpec(args.corpus_source, args.corpus_path, args.corpus_name, args.corpus_config, args.corpus_split,
+                      args.text_field, args.max_docs, args.streaming, args.passage_words)
+
+
 def cmd_pretrain(args, world: Path | None = None) -> Path:
     from .lm.pretrain import final_checkpoint, pretrain_model
 
     world = Path(world or args.world)
     if not (world / "manifest.json").is_file():
         raise ArtifactError(f"--world {str(world)!r} is not a built world. Build one with `trackstar world`.")
+    spec = _corpus(args)
+    if spec is not None:  # pretrain on the corpus: the world with it as its open set
+        from .experiment.stages import corpus_world_stage
+
+        world = corpus_world_stage(_artifacts_root(args.artifacts), world, spec)
     config = _pretrain_config(args)
     out = Path(args.out) if getattr(args, "out", None) else model_dir(_artifacts_root(args.artifacts), world, config)
     t0 = time.perf_counter()
@@ -227,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default=profile_default, choices=list(PROFILES), help="world size profile")
         p.add_argument("--seed", type=int, default=0, help="world seed (non-negative integer)")
 
+    def corpus_args(p) -> None:
+        g = p.add_argument_group("a real corpus as the open set and pretraining corpus (through `datasets`)")
+        g.add_argument("--corpus-source", choices=["hf", "jsonl", "parquet"],
+                       help="hf: a hub dataset (--corpus-name) or a save_to_disk directory (--corpus-path)")
+        g.add_argument("--corpus-path", help="jsonl / parquet file or glob, or a save_to_disk directory")
+        g.add_argument("--corpus-name", help="hub dataset name, e.g. allenai/c4 (needs a network)")
+        g.add_argument("--corpus-config", help="hub dataset config, e.g. en")
+        g.add_argument("--corpus-split", default="train")
+        g.add_argument("--text-field", default="text", help="the field holding each document's text")
+        g.add_argument("--max-docs", type=int, help="at most this many documents")
+        g.add_argument("--streaming", action="store_true", help="stream the dataset (C4-sized corpora)")
+        g.add_argument("--passage-words", type=int, default=96, help="words per passage (default 96)")
+
     def model_args(p, size_default: str) -> None:
         p.add_argument("--size", default=size_default, choices=list(MODEL_SIZES), help="model size preset")
         p.add_argument("--family", default="gpt2", choices=list(FAMILIES), help="model family")
@@ -242,12 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the release's trex_facts.jsonl and trex_sentences.jsonl-* in DIR, as a world (--profile is ignored)")
     p.add_argument("--queries-per-bucket", type=int, default=900,
                    help="with --from-release: facts sampled per frequency bucket as queries (default 900: the paper's 5.4k)")
+    corpus_args(p)
     p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("pretrain", parents=[common], help="pretrain (or resume) one of our LMs on a world's corpus")
     p.add_argument("--world", required=True, help="a built world directory")
     model_args(p, "tiny")
     p.add_argument("--out", help="output directory (default under ARTIFACTS/models/)")
+    corpus_args(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("quick", parents=[common], help="the quick reproduction of every table: world, model, all sweeps, paper tables")

@@ -51,6 +51,15 @@ def model_dir(artifacts: Path, world: Path, config) -> Path:
     return Path(artifacts) / "models" / Path(world).name / f"{config.family}-{config.size}-{config.optimizer}-s{config.seed}-{key[:8]}"
 
 
+def corpus_world_stage(artifacts: Path, world: Path, spec) -> Path:
+    """``world`` with the external corpus ``spec`` as its open set (built once, under a lock)."""
+    from ..world.corpus import corpus_world
+
+    path = Path(artifacts) / "worlds" / f"{Path(world).name}+corpus-{config_hash(spec.key())[:12]}"
+    with stage_lock(artifacts, f"world-{path.name}"):
+        return corpus_world(world, spec, path)
+
+
 def pretrain_config(model_cfg):
     from ..lm.pretrain import PretrainConfig
 
