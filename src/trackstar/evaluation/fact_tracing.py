@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .counterfactual import is_counterfactual_metric
-from .metrics import RETRIEVAL_METRICS, score_retrievals
+from .metrics import AIS_THRESHOLD, RETRIEVAL_METRICS, score_retrievals
 from .tail_patch import TAIL_PATCH_KS, tail_patch, tail_patch_at_k
 
 
@@ -25,14 +25,17 @@ def evaluate(
     tail_patch_ks: Sequence[int] = TAIL_PATCH_KS,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    ais_threshold: float = AIS_THRESHOLD,
 ) -> pd.DataFrame:
     """Per-query attribution metrics, and tail-patch when a checkpoint is given.
 
     ``query_eval`` (the checkpoint's ``query_eval.jsonl``) adds each query's
     model correctness for the Table A.7 split; ``cache_dir`` shares tail-patch
-    steps across methods and jobs (see :func:`~.tail_patch.tail_patch`).
+    steps across methods and jobs (see :func:`~.tail_patch.tail_patch`);
+    ``ais_threshold``: an open-set proponent is correct when its entailment
+    score reaches it.
     """
-    per_query = score_retrievals(records)
+    per_query = score_retrievals(records, ais_threshold=ais_threshold)
     if query_eval is not None:
         correct = {r["example_id"]: r["greedy_correct"] for r in query_eval}
         per_query["greedy_correct"] = per_query["example_id"].map(correct)

@@ -33,16 +33,17 @@ class RetrievalRecordError(ValueError):
     """A retrieval record is missing fields or is inconsistent."""
 
 
-def proponent_correctness(record: dict, source: str = "retrievals") -> list[bool]:
+def proponent_correctness(record: dict, source: str = "retrievals", ais_threshold: float = AIS_THRESHOLD) -> list[bool]:
     """Whether each retrieved proponent states the query fact, in rank order.
 
-    Closed set: ``proponent_correct``; open set: ``proponent_ais_scores`` >= 0.5.
+    Closed set: ``proponent_correct``; open set: ``proponent_ais_scores`` >= ``ais_threshold``
+    (0.5, the release viewer's).
     """
     name = f"{source}: record example_id={record.get('example_id')!r}"
     if "proponent_correct" in record:
         correct = [bool(c) for c in record["proponent_correct"]]
     elif "proponent_ais_scores" in record:
-        correct = [float(s) >= AIS_THRESHOLD for s in record["proponent_ais_scores"]]
+        correct = [float(s) >= ais_threshold for s in record["proponent_ais_scores"]]
     else:
         raise RetrievalRecordError(
             f"{name} has neither 'proponent_correct' (closed set) nor 'proponent_ais_scores' "
@@ -91,15 +92,17 @@ def validate_retrievals(records: Iterable[dict], source: str = "retrievals") -> 
     return records
 
 
-def score_retrievals(records: Iterable[dict], k: int = 10, source: str = "retrievals") -> pd.DataFrame:
+def score_retrievals(records: Iterable[dict], k: int = 10, source: str = "retrievals",
+                     ais_threshold: float = AIS_THRESHOLD) -> pd.DataFrame:
     """One row per query: recall@k, precision@k, mrr_first, and the split columns.
 
     ``has_trex_sentence`` defaults to True for records that lack it (open set,
-    where every query is scored).
+    where every query is scored); open-set proponents are correct when their
+    entailment score reaches ``ais_threshold``.
     """
     rows = []
     for rec in validate_retrievals(records, source):
-        correct = proponent_correctness(rec, source)
+        correct = proponent_correctness(rec, source, ais_threshold)
         rows.append(
             {
                 "example_id": rec["example_id"],

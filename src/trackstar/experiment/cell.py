@@ -53,9 +53,12 @@ def _container(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-#: Keys added to a config group after runs existed: left unset (null), they are left
-#: out of run identities, so those runs keep their directories and ids.
-LATER_KEYS = {"world": ("path", "queries_per_bucket"), "model": ("optimizer_state", "learning_rate")}
+#: Keys added to a config group after runs existed, with their defaults: at the
+#: default they are left out of run identities, so those runs keep their
+#: directories and ids.
+LATER_KEYS = {"world": {"path": None, "queries_per_bucket": None},
+              "model": {"optimizer_state": None, "learning_rate": None},
+              "eval": {"judge": "exact", "judge_model": None, "judge_threshold": 0.5}}
 
 
 def _stable(part, group: str | None = None):
@@ -63,14 +66,16 @@ def _stable(part, group: str | None = None):
     (a disabled counterfactual block)."""
     if not isinstance(part, dict):
         return part
-    if part.get("enabled") is False:
-        return None
+    if part.get("enabled") is False or (group in (None, "corpus") and "text_field" in part and part.get("source") is None):
+        return None  # a disabled counterfactual block, or no external corpus
     if group is None and {"profile", "seed"} <= set(part):
         group = "world"
     elif group is None and {"family", "size", "optimizer"} <= set(part):
         group = "model"
-    later = LATER_KEYS.get(group, ())
-    return {k: v for k, v in part.items() if not (k in later and v is None)}
+    elif group is None and {"corpus", "k", "tail_patch"} <= set(part):
+        group = "eval"
+    later = LATER_KEYS.get(group, {})
+    return {k: v for k, v in part.items() if not (k in later and v == later[k])}
 
 
 def _run_id(*nodes) -> str:
@@ -165,6 +170,10 @@ def validate(cfg: DictConfig):
         stage_threads(cfg.stage_threads)
         resolve_device(cfg.device)
         _check_counterfactual(cfg, retriever)
+        spec = corpus_spec(cfg)
+        if spec is not None:
+            spec.check_paths()
+        _check_judge(cfg.eval)
         if cfg.shard.step not in SHARD_STEPS:
             raise ValueError(f"shard.step={cfg.shard.step!r}: use one of {SHARD_STEPS}.")
         if cfg.shard.count != 1 or cfg.shard.index is not None:
@@ -193,6 +202,21 @@ def _check_world(world_cfg) -> None:
     n = world_cfg.queries_per_bucket
     if n is not None and (isinstance(n, bool) or n < 1):
         raise ValueError(f"world.queries_per_bucket={n!r}: give a positive number, or null for 900.")
+
+
+def _check_judge(eval_cfg) -> None:
+    from ..evaluation.judge import JUDGES
+
+    if eval_cfg.judge not in JUDGES:
+        raise ValueError(f"eval.judge={eval_cfg.judge!r}: use one of {JUDGES}.")
+    if eval_cfg.judge == "nli":
+        if eval_cfg.corpus != "open":
+            raise ValueError("eval.judge=nli judges open-set passages; the closed set has exact annotations "
+                             "(use eval=open, or eval.judge=exact).")
+        if not eval_cfg.judge_model:
+            raise ValueError("eval.judge=nli needs eval.judge_model: an NLI model's hub name or local path.")
+    if not 0 < eval_cfg.judge_threshold <= 1:
+        raise ValueError(f"eval.judge_threshold={eval_cfg.judge_threshold!r}: give a probability in (0, 1].")
 
 
 def _check_optimizer_state(model_cfg) -> None:
@@ -249,6 +273,24 @@ def _skeleton(model_cfg):
     return model_skeleton(preset.family, preset.size, preset.vocab_size, preset.context_length)
 
 
+def corpus_spec(cfg: DictConfig):
+    """The run's external corpus (:class:`~trackstar.world.corpus.CorpusSpec`), or None."""
+    from ..world.corpus import CorpusSpec
+
+    node = _container(cfg.corpus)
+    return None if node.get("source") is None else CorpusSpec(**node)
+
+
+def _world(cfg: DictConfig, artifacts: Path) -> Path:
+    """The world directory of the run: the configured world, with the external corpus
+    as its open set when ``corpus.source`` is set."""
+    from .stages import corpus_world_stage
+
+    world_path = build_world_stage(artifacts, cfg.world)
+    spec = corpus_spec(cfg)
+    return world_path if spec is None else corpus_world_stage(artifacts, world_path, spec)
+
+
 def _stage_dir_name(checkpoint_id: str) -> str:
     return checkpoint_id.replace("/", "__").replace(":", "_")
 
@@ -292,7 +334,7 @@ def shard_job(cfg: DictConfig) -> Path:
         raise ConfigError("a shard job needs shard.index (0 to shard.count - 1).")
     device = resolve_device(cfg.device)
     artifacts = ensure_writable_dir(cfg.artifacts_dir, "artifacts_dir")
-    world_path = build_world_stage(artifacts, cfg.world)
+    world_path = _world(cfg, artifacts)
     world = load_world(world_path)
     checkpoint, _, ckpt_id = _model(cfg, artifacts, world_path, device)
     features = features_dir(artifacts, _stage_dir_name(ckpt_id), cfg.eval.corpus)
@@ -335,7 +377,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
         return compute_stage(artifacts, cfg.stage_threads)
 
     t = time.perf_counter()
-    world_path = build_world_stage(artifacts, cfg.world)
+    world_path = _world(cfg, artifacts)
     world = load_world(world_path)
     timings["world"] = time.perf_counter() - t
 
@@ -373,6 +415,15 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
     retrievals, record.info = retrieval_stage(artifacts, key, compute)
     timings["retrieval"] = time.perf_counter() - t
 
+    if cfg.eval.judge == "nli":
+        from ..evaluation.judge import NLIJudge
+
+        t = time.perf_counter()
+        with numeric():
+            retrievals = NLIJudge(cfg.eval.judge_model, device=device, cache_dir=artifacts,
+                                  progress=cfg.progress).label(retrievals)
+        timings["judge"] = time.perf_counter() - t
+
     t = time.perf_counter()
     can_patch = cfg.eval.tail_patch and checkpoint.optimizer is not None
     if cfg.eval.tail_patch and not can_patch:
@@ -381,7 +432,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
         per_query = evaluate(
             retrievals, checkpoint if can_patch else None, query_eval,
             tuple(cfg.eval.tail_patch_ks) if can_patch else (), progress=cfg.progress,
-            cache_dir=artifacts / "tailpatch" / _stage_dir_name(ckpt_id),
+            cache_dir=artifacts / "tailpatch" / _stage_dir_name(ckpt_id), ais_threshold=cfg.eval.judge_threshold,
         )
     timings["evaluation"] = time.perf_counter() - t
 
@@ -424,7 +475,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
 
 def default_run_dir(cfg: DictConfig) -> Path:
     """Where a run outside Hydra lands: as ``trackstar-run`` would put it."""
-    ident = _run_id(cfg.world, cfg.model, cfg.method, cfg.eval, cfg.counterfactual)
+    ident = _run_id(cfg.world, cfg.model, cfg.method, cfg.eval, cfg.counterfactual, cfg.corpus)
     return Path(cfg.results_dir) / cfg.table / f"{cfg.method.name}-{cfg.eval.corpus}-{ident}"
 
 

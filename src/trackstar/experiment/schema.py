@@ -89,6 +89,13 @@ class EvalConf:
     n_queries: Optional[int] = None
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
+    #: Which open-set proponents are correct: exact (the world's annotations)
+    #: or nli (an entailment model, as the paper's AIS judge, for corpora
+    #: without annotations): judge_model by hub name or local path.
+    judge: str = "exact"
+    judge_model: Optional[str] = None
+    #: Correct = entailment probability >= this (the release viewer's 0.5).
+    judge_threshold: float = 0.5
 
 
 @dataclass
@@ -138,6 +145,27 @@ class CounterfactualConf:
 
 
 @dataclass
+class CorpusConf:
+    #: null: the world's own open set. hf (a hub dataset by name, or a
+    #: save_to_disk directory by path), jsonl or parquet (files by path, globs
+    #: allowed): a real corpus as the open set and our models' pretraining corpus.
+    source: Optional[str] = None
+    path: Optional[str] = None
+    name: Optional[str] = None
+    config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    #: At most this many documents (null: all).
+    max_docs: Optional[int] = None
+    #: Stream the dataset instead of materializing it (C4-sized corpora).
+    streaming: bool = False
+    #: Words per passage (about the 128-token context of our models).
+    passage_words: int = 96
+    #: Which facts a passage states: exact (the embedded world's phrasings).
+    judge: str = "exact"
+
+
+@dataclass
 class TrackStarConfig:
     world: WorldConf = field(default_factory=WorldConf)
     model: ModelConf = field(default_factory=ModelConf)
@@ -146,6 +174,7 @@ class TrackStarConfig:
     logger: LoggerConf = field(default_factory=LoggerConf)
     shard: ShardConf = field(default_factory=ShardConf)
     counterfactual: CounterfactualConf = field(default_factory=CounterfactualConf)
+    corpus: CorpusConf = field(default_factory=CorpusConf)
     #: Which paper table or figure this run belongs to (a W&B tag and the
     #: aggregation key); ``adhoc`` for single runs.
     table: str = "adhoc"
