@@ -86,6 +86,11 @@ def test_a_sweep_cell_and_pretraining_take_the_corpus(files, tmp_path):
     record = run_cell(compose_config(common))
     assert record.status == "finished" and "+corpus-" in record.artifacts["world"]["path"]
     assert record.metrics["mrr"]["mean"] > 0.3
+    # Unchunked, the corpus is the world's own open set again: the judge's labels give the same metrics.
+    whole = run_cell(compose_config([*common[:-1], "corpus.passage_words=1000"]))
+    plain = run_cell(compose_config(common[:-3]))
+    assert {m: whole.metrics[m]["mean"] for m in ("mrr", "recall@10")} == \
+        {m: plain.metrics[m]["mean"] for m in ("mrr", "recall@10")}
     with pytest.raises(ConfigError, match="no such file"):
         validate(compose_config([*common[:-2], f"corpus.path={tmp_path / 'missing.parquet'}"]))
     main(["--artifacts", str(tmp_path / "art"), "pretrain", "--world", str(tmp_path / "art" / "worlds" / "micro-s0"),

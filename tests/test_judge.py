@@ -49,6 +49,15 @@ def test_scores_are_entailment_probabilities_batched_and_cached(nli_model, tmp_p
     assert again.scores(pairs) == first and not calls
 
 
+def test_a_sentence_transformers_cross_encoder_directory_is_a_judge(nli_model, tmp_path):
+    from sentence_transformers import CrossEncoder
+
+    CrossEncoder(nli_model).save(str(tmp_path / "ce"))
+    pairs = [("The capital of France is Paris.", "The capital of France is Paris")]
+    assert NLIJudge(str(tmp_path / "ce"), progress=False).scores(pairs) == \
+        pytest.approx(NLIJudge(nli_model, progress=False).scores(pairs))
+
+
 def test_a_model_without_an_entailment_label_is_refused(tmp_path):
     path = _tiny_nli(tmp_path / "sentiment", labels=("negative", "positive"))
     with pytest.raises(JudgeError, match=r"has labels \['negative', 'positive'\]; a judge needs exactly one"):
