@@ -85,3 +85,16 @@ def test_hf_model_with_its_optimizer_state_traces_like_our_own_checkpoint(micro_
     with pytest.raises(ConfigError, match="no such file"):
         validate(compose_config([*common, "model=hf", f"model.hf_name_or_path={micro_checkpoint_dir}",
                                  f"model.optimizer_state={tmp_path / 'missing.pt'}"]))
+
+
+def test_relative_step_adafactor_needs_a_rate_and_then_steps_with_exactly_it(micro_checkpoint_dir, tmp_path):
+    from transformers.optimization import Adafactor
+
+    ours = load_hf_causal_lm(micro_checkpoint_dir)
+    opt = _trained(ours.model, lambda m: Adafactor(m.named_parameters()))  # transformers' defaults: relative step
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    with pytest.raises(OptimizerStateError, match="records no learning rate.*set model.learning_rate"):
+        attach_optimizer_state(load_hf_causal_lm(micro_checkpoint_dir), tmp_path / "opt.pt")
+    fresh = attach_optimizer_state(load_hf_causal_lm(micro_checkpoint_dir), tmp_path / "opt.pt", learning_rate=1e-3)
+    assert all(not g["relative_step"] and not g["scale_parameter"] and g["lr"] == 1e-3
+               for g in fresh.optimizer.param_groups)

@@ -98,37 +98,37 @@ def random_removal(n: int, k: int, seed: int, query_index: int) -> np.ndarray:
 def loo_sample(n_queries: int, settings: CounterfactualSettings) -> list[int]:
     """Positions of the queries that get leave-top-k-out retrains (seeded, in query order)."""
     want = n_queries if settings.loo_queries is None else min(settings.loo_queries, n_queries)
-    picked = np.random.default_rng([settings.seed, 7]).permutation(n_queries)[:want]
+    picked = np.random.default_rng([settings.seed, 2_000_003]).permutation(n_queries)[:want]
     return sorted(int(i) for i in picked)
-
-
-def spearman(predicted: np.ndarray, measured: np.ndarray) -> float:
-    """Spearman's ρ; NaN when either side is constant (no ranking to compare)."""
-    if np.ptp(predicted) == 0 or np.ptp(measured) == 0:
-        return float("nan")
-    return float(stats.spearmanr(predicted, measured).statistic)
 
 
 def lds_per_query(predicted: np.ndarray, measured: np.ndarray) -> tuple[np.ndarray, dict]:
     """Each query's LDS from (queries, subsets) predictions and outcomes (NaN: failed retrain).
 
-    Returns (lds with NaN where undefined, counts of why): a query whose
-    outcome never changes across subsets has no LDS (``constant_outcome``),
-    nor one with fewer than :data:`MIN_SUBSETS` finished subsets.
+    Returns (lds, counts of the special cases). A query whose outcome never
+    changes across subsets has no LDS for any method (``constant_outcome``,
+    NaN), nor one with fewer than :data:`MIN_SUBSETS` finished subsets, nor a
+    prediction that is not finite. A method whose prediction is the same for
+    every subset (e.g. BM25 for a query with no word in the corpus) predicts
+    nothing: its LDS is 0 (``constant_prediction``), not left out, so that
+    dropping its hard queries cannot raise its mean.
     """
     out = np.full(predicted.shape[0], np.nan)
-    constant, too_few, constant_prediction = 0, 0, 0
+    counts = {"constant_outcome": 0, "too_few_subsets": 0, "constant_prediction": 0, "non_finite_prediction": 0}
     for q in range(predicted.shape[0]):
         ok = np.isfinite(measured[q])
         if ok.sum() < MIN_SUBSETS:
-            too_few += 1
+            counts["too_few_subsets"] += 1
         elif np.ptp(measured[q, ok]) == 0:
-            constant += 1
+            counts["constant_outcome"] += 1
+        elif not np.isfinite(predicted[q, ok]).all():
+            counts["non_finite_prediction"] += 1
         elif np.ptp(predicted[q, ok]) == 0:
-            constant_prediction += 1
+            counts["constant_prediction"] += 1
+            out[q] = 0.0
         else:
-            out[q] = spearman(predicted[q, ok], measured[q, ok])
-    return out, {"constant_outcome": constant, "too_few_subsets": too_few, "constant_prediction": constant_prediction}
+            out[q] = float(stats.spearmanr(predicted[q, ok], measured[q, ok]).statistic)
+    return out, counts
 
 
 def _logprobs(outcome: dict, example_ids: Sequence) -> np.ndarray:
@@ -174,6 +174,10 @@ def counterfactual(
         if len(ids) < k:
             raise ValueError(f"query {example_ids[q]!r} has {len(ids)} proponents; leave-top-{k}-out needs {k} "
                              f"(raise eval.k to at least {k}).")
+        unknown = [d for d in ids if d not in position]
+        if unknown:
+            raise KeyError(f"query {example_ids[q]!r}: proponent id {unknown[0]!r} is not a passage of the training "
+                           f"corpus ({n} passages such as {corpus_ids[0]!r}); were its retrievals made over another corpus?")
         loo_masks.append(without([position[d] for d in ids]))
     random_masks = [without(random_removal(n, k, settings.seed, q)) for q in sample]
     full = np.ones(n, dtype=bool)
@@ -202,6 +206,6 @@ def counterfactual(
         log.warning("%d of %d retrains diverged and are left out of the counterfactual metrics",
                     len(failed), len(outcomes))
     if any(excluded.values()):
-        log.warning("LDS undefined for some queries and left out of its mean: %s", excluded)
+        log.warning("LDS special cases (see lds_per_query): %s", excluded)
     per_query = pd.DataFrame({"example_id": example_ids, LDS: lds, loo_column(k): loo, random_column(k): rnd})
     return per_query, info

@@ -81,9 +81,21 @@ class NLIJudge:
                 probs = self.model(**encoded).logits.float().softmax(dim=-1)[:, self.entailment]
             self.cache.update({k: float(s) for (k, _), s in zip(batch, probs.tolist(), strict=True)})
         if todo and self.cache_path is not None:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json_checked(self.cache_path, self.cache)
+            self._save()
         return [self.cache[k] for k in keys]
+
+    def _save(self) -> None:
+        """Merge what other jobs wrote since this one read the cache, then write it (under a lock)."""
+        from filelock import FileLock
+
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.cache_path) + ".lock"):
+            if self.cache_path.is_file():
+                try:
+                    self.cache = {**read_json_checked(self.cache_path), **self.cache}
+                except ArtifactError:
+                    pass  # damaged: ours replaces it
+            atomic_write_json_checked(self.cache_path, self.cache)
 
     def label(self, records: Sequence[dict]) -> list[dict]:
         """Open-set retrieval records with ``proponent_ais_scores`` from this judge."""

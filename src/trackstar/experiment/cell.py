@@ -307,7 +307,7 @@ def _model(cfg: DictConfig, artifacts: Path, world_path: Path, device):
 
             attach_optimizer_state(checkpoint, Path(cfg.model.optimizer_state).expanduser(), cfg.model.learning_rate)
             # V and tail-patch depend on the state and the rate: their caches must too.
-            ident += f"+opt-{sha256_file(Path(cfg.model.optimizer_state).expanduser())[:12]}-lr{checkpoint.learning_rate:g}"
+            ident += f"+opt-{sha256_file(Path(cfg.model.optimizer_state).expanduser())[:12]}-lr{checkpoint.learning_rate!r}"
         return checkpoint, None, ident
     model_run = pretrain_stage(artifacts, world_path, cfg.model, progress=cfg.progress, threads=cfg.stage_threads,
                                device=device)

@@ -82,9 +82,10 @@ def build_world_stage(artifacts: Path, world_cfg) -> Path:
 
     if world_cfg.profile == RELEASE_PROFILE:
         per_bucket = world_cfg.get("queries_per_bucket") or RELEASE_QUERIES_PER_BUCKET
-        path = release_world_dir(artifacts, world_cfg.path, per_bucket, world_cfg.seed)
+        release = Path(world_cfg.path).expanduser()
+        path = release_world_dir(artifacts, release, per_bucket, world_cfg.seed)
         with stage_lock(artifacts, f"world-{path.name}"):
-            return world_from_release(world_cfg.path, path, per_bucket, world_cfg.seed)
+            return world_from_release(release, path, per_bucket, world_cfg.seed)
     path = world_dir(artifacts, world_cfg.profile, world_cfg.seed)
     with stage_lock(artifacts, f"world-{path.name}"):
         return build_world(path, world_cfg.profile, world_cfg.seed)

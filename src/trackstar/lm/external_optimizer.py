@@ -15,7 +15,10 @@ Before loading, every state tensor's shape is checked against its
 parameter, and the first mismatch is named with both shapes. Adam and AdamW
 keep the same state; the class is AdamW unless the group says
 ``decoupled_weight_decay: False``. The learning rate tail-patch steps with
-is ``learning_rate``, else the state's first group's ``lr``.
+is ``learning_rate``, else the state's first group's ``lr`` (a relative-step
+transformers Adafactor records none: then it must be given); a transformers
+Adafactor then steps with exactly that rate (no relative step or parameter
+scaling).
 """
 
 from __future__ import annotations
@@ -134,13 +137,20 @@ def attach_optimizer_state(checkpoint, path: str | os.PathLike, learning_rate: f
         raise OptimizerStateError(f"{str(path)!r} holds no per-parameter state: the optimizer never stepped.")
     if len(kinds) > 1:
         raise OptimizerStateError(f"{str(path)!r} mixes optimizer kinds {sorted(kinds)}; use one optimizer's state.")
-    lr = float(learning_rate if learning_rate is not None else saved["param_groups"][0]["lr"])
+    lr = learning_rate if learning_rate is not None else saved["param_groups"][0].get("lr")
+    if lr is None:  # e.g. transformers Adafactor with relative_step=True: its rate is its own schedule
+        raise OptimizerStateError(f"{str(path)!r} records no learning rate (relative-step Adafactor); "
+                                  "set model.learning_rate, the rate tail-patch should step with.")
+    lr = float(lr)
     if not lr > 0:
         raise OptimizerStateError(f"model.learning_rate={lr}: tail-patch needs a positive learning rate.")
-    optimizer = _build(kinds.pop(), saved["param_groups"], params, lr)
+    kind = kinds.pop()
+    optimizer = _build(kind, saved["param_groups"], params, lr)
     optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:
         group["lr"] = lr
+        if kind == "hf_adafactor":  # step with exactly lr, not a relative or parameter-scaled rate
+            group.update(relative_step=False, scale_parameter=False, warmup_init=False)
     checkpoint.optimizer, checkpoint.learning_rate = optimizer, lr
     checkpoint.trainer_state = {**checkpoint.trainer_state, "optimizer_state": str(path), "learning_rate": lr}
     return checkpoint

@@ -64,7 +64,7 @@ def retrain(run_dir: str | os.PathLike, world_dir: str | os.PathLike, keep=None,
     mask; None keeps all. Returns the outcome: ``status`` (``finished``, or
     ``diverged`` when the loss became NaN or infinite, with no log-probabilities),
     ``target_logprob`` (example id -> log p(target | prompt)), ``n_kept``,
-    ``skipped_steps``, ``final_loss`` (mean over the last epoch's steps) and ``seconds``.
+    ``skipped_steps``, ``final_loss`` (mean loss of the last ``steps_per_epoch`` updates) and ``seconds``.
     """
     from transformers import AutoTokenizer
 

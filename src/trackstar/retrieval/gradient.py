@@ -58,8 +58,10 @@ class GradientRetriever(Retriever):
 
     @property
     def settings(self) -> dict:
-        # k is the stage's (eval.k), not the method's.
-        return {k: v for k, v in dataclasses.asdict(self.attribution).items() if k != "k"}
+        # k is the stage's (eval.k), not the method's; the default split (whose layout is the
+        # strict rule's wherever that one works) is left out so earlier cache keys stay valid.
+        return {k: v for k, v in dataclasses.asdict(self.attribution).items()
+                if k != "k" and not (k == "split" and v == "balanced")}
 
     def check_model(self, model) -> None:
         """Refuse settings the model's shape cannot take (the split of d), before any work."""

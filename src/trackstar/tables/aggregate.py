@@ -241,6 +241,11 @@ COUNTERFACTUAL_COLUMNS = (
 
 def table_c1(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
     chosen, note = select(runs, "table_c1")
+    other_k = sorted({c for c in chosen.columns if c.startswith("loo_drop@") and "/" not in c and c != "loo_drop@10"
+                      and chosen[c].notna().any()})
+    if other_k:
+        warnings.warn(f"table_c1 shows leave-top-10-out; runs with {', '.join(other_k)} (counterfactual.k "
+                      "other than 10) have blank cells there.", stacklevel=2)
     return _method_table(
         "table_c1", "Table C.1: counterfactual validation on the open set (retraining without passages)",
         chosen, list(COUNTERFACTUAL_COLUMNS), note, strict,

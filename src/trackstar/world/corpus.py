@@ -62,6 +62,8 @@ class CorpusSpec:
     judge: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.path:  # one spelling of a path, so the cache key hashes the files it names
+            object.__setattr__(self, "path", str(Path(self.path).expanduser().resolve()))
         if self.source not in SOURCES:
             raise CorpusError(f"corpus.source={self.source!r}: use one of {SOURCES}.")
         if self.source == "hf" and not (self.name or self.path):

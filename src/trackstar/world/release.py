@@ -66,7 +66,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def read_release(release_dir: str | os.PathLike) -> tuple[list[dict], list[tuple[str, list[dict]]]]:
     """(facts, [(shard file name, sentences)]) of a release directory, every record checked."""
-    release_dir = Path(release_dir)
+    release_dir = Path(release_dir).expanduser()
     if not (release_dir / FACTS_FILE).is_file():
         raise ArtifactError(f"{str(release_dir)!r} has no {FACTS_FILE}: give the directory that holds the "
                             f"release's {FACTS_FILE} and {SENTENCES_GLOB} files.")
@@ -141,9 +141,12 @@ def _queries(facts: list[dict], sentences_by_fact: dict[str, int], per_bucket: i
 
 def release_key(release_dir: str | os.PathLike, queries_per_bucket: int, seed: int) -> str:
     """What a release world is a function of: the release files' contents and the sampling."""
-    release_dir = Path(release_dir)
+    release_dir = Path(release_dir).expanduser()
+    if not (release_dir / FACTS_FILE).is_file():
+        raise ArtifactError(f"{str(release_dir)!r} has no {FACTS_FILE}: give the directory that holds the "
+                            f"release's {FACTS_FILE} and {SENTENCES_GLOB} files.")
     files = [release_dir / FACTS_FILE, *sorted(release_dir.glob(SENTENCES_GLOB))]
-    return config_hash({"files": {p.name: sha256_file(p) for p in files if p.is_file()},
+    return config_hash({"files": {p.name: sha256_file(p) for p in files},
                         "queries_per_bucket": queries_per_bucket, "seed": seed})
 
 
