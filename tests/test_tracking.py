@@ -96,3 +96,26 @@ def test_wandb_failure_is_reported_not_raised(tmp_path, monkeypatch):
     logger = types.SimpleNamespace(mode="online", project="p", entity=None, max_table_rows=None, init_timeout=1)
     info = log_to_wandb(tmp_path, {}, RECORD, RETRIEVALS, PER_QUERY, logger, group="g", tags=[], name="n")
     assert info == {"mode": "online", "error": "ConnectionError: api.wandb.ai unreachable"}
+
+
+def test_regenerated_tables_do_not_make_the_code_dirty(tmp_path):
+    """`trackstar quick` rewrites paper_tables/ between sweeps; later runs are still of a clean commit."""
+    import subprocess
+
+    from trackstar.experiment.record import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "paper_tables").mkdir()
+    (tmp_path / "paper_tables" / "table1.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "paper_tables" / "table1.md").write_text("regenerated\n")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"

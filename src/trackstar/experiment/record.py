@@ -212,10 +212,19 @@ def _check_numbers(metrics: dict, source: str, where: str) -> None:
 
 # --- run directories -----------------------------------------------------------------------
 
+#: Tracked files a run regenerates, which do not make the code "dirty": the committed
+#: tables (`trackstar quick` rewrites them between its sweeps).
+GENERATED_DIRS = ("paper_tables",)
+
+
 def git_commit(cwd: str | Path | None = None) -> str | None:
+    """HEAD's commit, with ``-dirty`` when a tracked file other than the regenerated
+    tables differs from it."""
+    exclude = [f":(top,exclude){d}" for d in GENERATED_DIRS]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *exclude], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("-dirty" if dirty else "")
