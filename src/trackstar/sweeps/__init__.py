@@ -8,7 +8,7 @@ SWEEPS_DIR = Path(__file__).parent
 #: they cost more than its budget; their world and model are part of the sweep,
 #: so quick does not override them. Name -> why.
 OPTIONAL_SWEEPS = {
-    "table_c1": "counterfactual validation: 159 retrains of the micro model (4.2 min on 2 cores)",
+    "table_c1": "counterfactual validation: 159 retrains of the micro model (4–5 min on 2 cores)",
 }
 
 
