@@ -12,6 +12,7 @@ re-hashes the content and names the file that changed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -163,6 +164,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _input_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def input_digest(path: str | os.PathLike) -> str:
+    """sha256 of a user's input file (a release shard, a corpus file) for a cache key,
+    computed once per process while its size and modification time stay the same.
+    Not for integrity checks of our own artifacts, which always re-hash."""
+    st = os.stat(path)
+    return _input_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _file_digests(path: Path, exclude: Iterable[str]) -> dict[str, dict]:

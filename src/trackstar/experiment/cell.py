@@ -61,25 +61,28 @@ LATER_KEYS = {"world": {"path": None, "queries_per_bucket": None},
               "eval": {"judge": "exact", "judge_model": None, "judge_threshold": 0.5}}
 
 
-def _stable(part, group: str | None = None):
-    """``part`` as it enters a run's identity (see LATER_KEYS); None: left out entirely
-    (a disabled counterfactual block)."""
+#: Groups whose whole block is left out of a run's identity while it is off.
+OFF_WHEN = {"counterfactual": ("enabled", False), "corpus": ("source", None)}
+
+#: The groups ``ts_run_id`` receives, in the order config.yaml (and default_run_dir) passes them.
+RUN_ID_GROUPS = ("world", "model", "method", "eval", "counterfactual", "corpus")
+
+
+def _stable(part, group: str):
+    """``part``, the config of ``group``, as it enters a run's identity (see LATER_KEYS and
+    OFF_WHEN); None: left out entirely."""
     if not isinstance(part, dict):
         return part
-    if part.get("enabled") is False or (group in (None, "corpus") and "text_field" in part and part.get("source") is None):
-        return None  # a disabled counterfactual block, or no external corpus
-    if group is None and {"profile", "seed"} <= set(part):
-        group = "world"
-    elif group is None and {"family", "size", "optimizer"} <= set(part):
-        group = "model"
-    elif group is None and {"corpus", "k", "tail_patch"} <= set(part):
-        group = "eval"
+    if group in OFF_WHEN:
+        key, off = OFF_WHEN[group]
+        if part.get(key, off) == off:
+            return None
     later = LATER_KEYS.get(group, {})
     return {k: v for k, v in part.items() if not (k in later and v == later[k])}
 
 
 def _run_id(*nodes) -> str:
-    parts = [_stable(_container(n)) for n in nodes]
+    parts = [_stable(_container(n), g) for n, g in zip(nodes, RUN_ID_GROUPS)]
     return config_hash([p for p in parts if p is not None], 8)
 
 

@@ -33,6 +33,7 @@ from ..io import (
     atomic_directory,
     atomic_write_json,
     config_hash,
+    input_digest,
     is_complete,
     read_json,
     read_jsonl,
@@ -89,9 +90,9 @@ class CorpusSpec:
         """What the corpus's passages are a function of (local files by content)."""
         settings = asdict(self)
         if self.path and self.source != "hf":
-            settings["files"] = {str(p): sha256_file(p) for p in _files(self.path)}
+            settings["files"] = {str(p): input_digest(p) for p in _files(self.path)}
         elif self.path:
-            settings["files"] = {str(p.relative_to(self.path)): sha256_file(p)
+            settings["files"] = {str(p.relative_to(self.path)): input_digest(p)
                                  for p in sorted(Path(self.path).rglob("*")) if p.is_file()}
         return config_hash(settings)
 

@@ -35,6 +35,7 @@ from ..io import (
     is_complete,
     read_json,
     sha256_dir,
+    input_digest,
     sha256_file,
     write_jsonl,
 )
@@ -146,7 +147,7 @@ def release_key(release_dir: str | os.PathLike, queries_per_bucket: int, seed: i
         raise ArtifactError(f"{str(release_dir)!r} has no {FACTS_FILE}: give the directory that holds the "
                             f"release's {FACTS_FILE} and {SENTENCES_GLOB} files.")
     files = [release_dir / FACTS_FILE, *sorted(release_dir.glob(SENTENCES_GLOB))]
-    return config_hash({"files": {p.name: sha256_file(p) for p in files},
+    return config_hash({"files": {p.name: input_digest(p) for p in files},
                         "queries_per_bucket": queries_per_bucket, "seed": seed})
 
 
