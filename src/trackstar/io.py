@@ -203,6 +203,12 @@ def sha256_dir(path: str | os.PathLike, exclude: Iterable[str] = (COMPLETE_MARKE
     return _combine(_file_digests(Path(path), exclude))
 
 
+def dir_digests(path: str | os.PathLike) -> tuple[dict[str, str], str]:
+    """(each file's sha256 by relative name, :func:`sha256_dir`), every file read once."""
+    digests = _file_digests(Path(path), (COMPLETE_MARKER,))
+    return {rel: d["sha256"] for rel, d in digests.items()}, _combine(digests)
+
+
 def write_marker(path: str | os.PathLike) -> str:
     """Mark a finished artifact directory: its content hash and each file's size and sha256."""
     path = Path(path)

@@ -146,12 +146,13 @@ def retrieval_stage(artifacts: Path, key: str, compute) -> tuple[list[dict], dic
 
 
 
-def retrain_key(model_run: Path, keep) -> str:
-    """Identity of a counterfactual retrain: the pretraining run it repeats and the kept passages."""
+def retrain_key(model_run: Path, keep, run_key: str | None = None) -> str:
+    """Identity of a counterfactual retrain: the pretraining run it repeats (its ``run_key``,
+    read from ``model_run`` when not given) and the kept passages."""
     import numpy as np
 
     keep = np.asarray(keep, dtype=bool)
-    run = read_json(Path(model_run) / "pretrain.json")["run_key"]
+    run = run_key or read_json(Path(model_run) / "pretrain.json")["run_key"]
     return config_hash({"run": run, "n": int(keep.size), "keep": hashlib.sha256(np.packbits(keep).tobytes()).hexdigest()})
 
 
@@ -173,7 +174,8 @@ def retrain_stage(artifacts: Path, model_run: Path, world: Path, masks, threads:
     out_dir = Path(artifacts) / "retrains" / Path(model_run).name
     out_dir.mkdir(parents=True, exist_ok=True)
     (Path(artifacts) / "locks").mkdir(parents=True, exist_ok=True)
-    keys = [retrain_key(model_run, m) for m in masks]
+    run_key = read_json(Path(model_run) / "pretrain.json")["run_key"]
+    keys = [retrain_key(model_run, m, run_key) for m in masks]
     outcomes: dict[int, dict] = {}
 
     def cached(path: Path) -> dict | None:

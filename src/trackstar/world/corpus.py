@@ -31,14 +31,11 @@ from pathlib import Path
 from ..io import (
     ArtifactError,
     atomic_directory,
-    atomic_write_json,
     config_hash,
     input_digest,
     is_complete,
     read_json,
     read_jsonl,
-    sha256_dir,
-    sha256_file,
 )
 
 SOURCES = ("hf", "jsonl", "parquet")
@@ -183,7 +180,7 @@ class ExactJudge:
 def corpus_world(base: str | os.PathLike, spec: CorpusSpec, out_dir: str | os.PathLike, tokenizer=None,
                  passage_tokens: int | None = None) -> Path:
     """The world ``base`` with ``spec``'s passages as its open set (written once, atomically)."""
-    from .store import CORPUS_FILE, FACTS_FILE, MANIFEST
+    from .store import CORPUS_FILE, FACTS_FILE, MANIFEST, write_manifest
 
     base, out_dir = Path(base), Path(out_dir)
     key = config_hash({"base": read_json(base / MANIFEST)["content_hash"], "corpus": spec.key(),
@@ -211,12 +208,10 @@ def corpus_world(base: str | os.PathLike, spec: CorpusSpec, out_dir: str | os.Pa
             raise CorpusError(f"the corpus ({spec.source}: {spec.name or spec.path}) has no non-empty "
                               f"{spec.text_field!r} text{' in its first ' + str(spec.max_docs) + ' rows' if spec.max_docs else ''}; "
                               "nothing was written.")
-        atomic_write_json(tmp / MANIFEST, {
+        write_manifest(tmp, {
             **manifest, "profile": f"{manifest.get('profile')}+corpus", "base_world": str(base.resolve()),
             "corpus": asdict(spec), "corpus_key": key,
             "counts": {**manifest.get("counts", {}), "documents": n, "documents_stating_a_fact": stated,
                        "facts_not_judged": judge.unjudged},
-            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-            "content_hash": sha256_dir(tmp),
         })
     return out_dir

@@ -30,13 +30,10 @@ from pathlib import Path
 from ..io import (
     ArtifactError,
     atomic_directory,
-    atomic_write_json,
     config_hash,
     is_complete,
     read_json,
-    sha256_dir,
     input_digest,
-    sha256_file,
     write_jsonl,
 )
 from .schema import SchemaError, validate_records
@@ -154,7 +151,7 @@ def release_key(release_dir: str | os.PathLike, queries_per_bucket: int, seed: i
 def world_from_release(release_dir: str | os.PathLike, out_dir: str | os.PathLike, queries_per_bucket: int = 900,
                        seed: int = 0) -> Path:
     """Write (or reuse) the world of a release directory into ``out_dir``."""
-    from .store import CORPUS_FILE, MANIFEST, QUERIES_FILE, sentence_shard_name
+    from .store import CORPUS_FILE, MANIFEST, QUERIES_FILE, sentence_shard_name, write_manifest
 
     if isinstance(queries_per_bucket, bool) or not isinstance(queries_per_bucket, int) or queries_per_bucket < 1:
         raise ValueError(f"queries_per_bucket={queries_per_bucket!r}: give a positive number of queries per bucket.")
@@ -180,7 +177,7 @@ def world_from_release(release_dir: str | os.PathLike, out_dir: str | os.PathLik
             write_jsonl(tmp / sentence_shard_name(i, len(shards)), records)
         write_jsonl(tmp / CORPUS_FILE, corpus)
         write_jsonl(tmp / QUERIES_FILE, queries)
-        atomic_write_json(tmp / MANIFEST, {
+        write_manifest(tmp, {
             "kind": "trackstar-world", "profile": RELEASE_PROFILE, "seed": seed,
             "release_dir": str(Path(release_dir).resolve()), "release_key": key,
             "profile_settings": {"n_sentence_shards": len(shards), "queries_per_bucket": queries_per_bucket,
@@ -190,8 +187,6 @@ def world_from_release(release_dir: str | os.PathLike, out_dir: str | os.PathLik
                        "queries": len(queries),
                        "queries_per_bucket": [sum(q["c4_frequency_bucket"] == b for q in queries)
                                               for b in range(len(BUCKET_BOUNDS) + 1)]},
-            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-            "content_hash": sha256_dir(tmp),
         })
     return out_dir
 

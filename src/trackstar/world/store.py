@@ -21,14 +21,13 @@ from ..io import (
     ArtifactError,
     atomic_directory,
     atomic_write_json,
+    dir_digests,
     discard_if_damaged,
     ensure_writable_dir,
     is_complete,
     read_json,
     read_jsonl,
     remove_stale_partials,
-    sha256_dir,
-    sha256_file,
     verify_complete,
     write_jsonl,
 )
@@ -77,8 +76,8 @@ def write_world(world, out_dir: Path) -> None:
     write_jsonl(out_dir / CORPUS_FILE, world.corpus)
     write_jsonl(out_dir / QUERIES_FILE, world.queries)
     bucket_counts = [sum(f.bucket == b for f in world.facts) for b in range(N_BUCKETS)]
-    atomic_write_json(
-        out_dir / MANIFEST,
+    write_manifest(
+        out_dir,
         {
             "kind": "trackstar-world",
             "generator_version": GENERATOR_VERSION,
@@ -96,10 +95,15 @@ def write_world(world, out_dir: Path) -> None:
                 "queries_per_bucket": [sum(q["c4_frequency_bucket"] == b for q in world.queries) for b in range(N_BUCKETS)],
                 "relations": sorted({f.pid for f in world.facts}),
             },
-            "files": {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()},
-            "content_hash": sha256_dir(out_dir),
         },
     )
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """``manifest.json``: ``manifest`` plus every file's sha256 and the world's content hash
+    (of everything written before it)."""
+    files, content_hash = dir_digests(out_dir)
+    atomic_write_json(out_dir / MANIFEST, {**manifest, "files": files, "content_hash": content_hash})
 
 
 def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0) -> Path:
