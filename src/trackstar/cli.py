@@ -3,6 +3,7 @@
     trackstar world    --profile tiny --seed 0            build (or reuse) a fact world
     trackstar pretrain --world PATH --size tiny            pretrain (or resume) a model on it
     trackstar quick                                        world, model, every table's sweep, paper tables
+    trackstar scale-study                                  Figure 2 at every size, two regimes (hours; resumable)
     trackstar sanity                                       top proponents per method; gold vs random tail-patch
     trackstar run method=bm25 eval=open                    one table cell (as trackstar-run, without Hydra's app)
     trackstar score FILE...                                metrics of release-schema retrieval files
@@ -122,10 +123,36 @@ def report_accuracy(checkpoint: Path) -> None:
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
+def _run_sweep(name: str, overrides: list[str]) -> float:
+    """One sweep of sweeps/ as a Hydra multirun in a child process; its wall time in seconds.
+    A failed job is recorded by the sweep and does not stop the next sweep."""
+    from .sweeps import SWEEPS_DIR
+
+    cmd = [sys.executable, "-m", "trackstar.experiment.run", "-m", "--config-dir", str(SWEEPS_DIR), "--config-name", name,
+           *overrides]
+    print(f"\n== {name}: {' '.join(cmd[2:])}", flush=True)
+    t = time.perf_counter()
+    if subprocess.run(cmd).returncode != 0:
+        print(f"{name}: the sweep exited with an error; its run records say which jobs failed", file=sys.stderr)
+    elapsed = time.perf_counter() - t
+    print(f"== {name} done in {elapsed / 60:.1f} min", flush=True)
+    return elapsed
+
+
+def _tables(results: str, paper_tables: str, timings: dict, t0: float, what: str) -> None:
+    from .tables.cli import main as tables_main
+
+    print()
+    rc = tables_main(["--results", str(results), "--out", str(paper_tables)])
+    print("\nwall time per sweep (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
+    print(f"{what}: {(time.perf_counter() - t0) / 60:.1f} min in all; tables in {paper_tables}/")
+    if rc:
+        raise ValueError("table aggregation failed; see the message above")
+
+
 def cmd_quick(args) -> None:
     """World, model, then every table's sweep (quick setting), then the tables themselves."""
-    from .sweeps import OPTIONAL_SWEEPS, SWEEPS_DIR, sweep_names
-    from .tables.cli import main as tables_main
+    from .sweeps import OPTIONAL_SWEEPS, sweep_names
 
     args.out = None
     t0 = time.perf_counter()
@@ -139,8 +166,7 @@ def cmd_quick(args) -> None:
         raise ValueError(f"--tables: unknown {unknown}; choose from {', '.join(known)} or 'all'.")
     timings = {}
     for name in sweeps:
-        cmd = [
-            sys.executable, "-m", "trackstar.experiment.run", "-m", "--config-dir", str(SWEEPS_DIR), "--config-name", name,
+        timings[name] = _run_sweep(name, [
             f"artifacts_dir={root}", f"results_dir={args.results}",
             *([] if name in OPTIONAL_SWEEPS else [
                 f"world.profile={args.profile}", f"world.seed={args.seed}",
@@ -150,21 +176,27 @@ def cmd_quick(args) -> None:
             ]),
             f"device={args.device}",
             *args.override,
-        ]
-        print(f"\n== {name}: {' '.join(cmd[2:])}", flush=True)
-        t = time.perf_counter()
-        if subprocess.run(cmd).returncode != 0:
-            print(f"{name}: the sweep exited with an error; its run records say which jobs failed", file=sys.stderr)
-        timings[name] = time.perf_counter() - t
-        print(f"== {name} done in {timings[name] / 60:.1f} min", flush=True)
-    if not sweeps:
-        return
-    print()
-    rc = tables_main(["--results", str(args.results), "--out", str(args.paper_tables)])
-    print("\nwall time per sweep (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
-    print(f"quick reproduction: {(time.perf_counter() - t0) / 60:.1f} min in all; tables in {args.paper_tables}/")
-    if rc:
-        raise ValueError("table aggregation failed; see the message above")
+        ])
+    if sweeps:
+        _tables(args.results, args.paper_tables, timings, t0, "quick reproduction")
+
+
+#: The scale study: (sweep, extra overrides). Figure 2 at every size in both
+#: regimes, then Table 1 and the λ grid (Table A.5) in the paper's regime.
+SCALE_STUDY = (("scale_study", ()), ("table1", ("regime=paper",)), ("table_a5", ("regime=paper",)))
+
+
+def cmd_scale_study(args) -> None:
+    """Figure 2 at every model size and checkpoint in both training regimes, and Table 1
+    and the λ grid in the paper's regime, into their own results root and tables."""
+    t0 = time.perf_counter()
+    root = _artifacts_root(args.artifacts)
+    timings = {}
+    for name, extra in SCALE_STUDY:
+        label = name if not extra else f"{name} ({' '.join(extra)})"
+        timings[label] = _run_sweep(name, [f"artifacts_dir={root}", f"results_dir={args.results}", *extra,
+                                           f"device={args.device}", *args.override])
+    _tables(args.results, args.paper_tables, timings, t0, "scale study")
 
 
 def cmd_sanity(args) -> None:
@@ -298,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-tables", default="paper_tables", help="where the tables go (default ./paper_tables)")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every job, e.g. logger=none method.d=256")
     p.set_defaults(func=cmd_quick)
+
+    p = sub.add_parser("scale-study", parents=[common],
+                       help="Figure 2 at every model size in two training regimes, Table 1 and the λ grid in the paper's "
+                            "(hours on 2 cores; resumable)")
+    p.add_argument("--results", default="results/scale_study", help="run records root (default ./results/scale_study)")
+    p.add_argument("--paper-tables", default="paper_tables/scale_study",
+                   help="where the tables go (default ./paper_tables/scale_study)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("override", nargs="*", help="extra Hydra overrides for every job, e.g. logger=none")
+    p.set_defaults(func=cmd_scale_study)
 
     p = sub.add_parser("run", parents=[common], help="one table cell (method x corpus) with Hydra-style overrides, as trackstar-run")
     p.add_argument("override", nargs="*", help="config overrides, e.g. method=bm25 eval=open world=micro model=micro")

@@ -9,12 +9,13 @@ SWEEPS_DIR = Path(__file__).parent
 #: so quick does not override them. Name -> why.
 OPTIONAL_SWEEPS = {
     "table_c1": "counterfactual validation: 159 retrains of the micro model (4–5 min on 2 cores)",
+    "scale_study": "Figure 2 at every model size in two training regimes: hours on 2 cores (`trackstar scale-study`)",
 }
 
 
 def sweep_names(optional: bool = True) -> list[str]:
     """Every sweep file's name (without the optional ones if not ``optional``), in the
     order the quick reproduction runs them: the tables (table1 first: it builds the
-    shared stages), then the figures."""
+    shared stages), then the figures, then the optional sweeps."""
     names = [p.stem for p in SWEEPS_DIR.glob("*.yaml") if optional or p.stem not in OPTIONAL_SWEEPS]
-    return sorted(names, key=lambda n: (n.startswith("figure"), n))
+    return sorted(names, key=lambda n: (n in OPTIONAL_SWEEPS, n.startswith("figure"), n))
