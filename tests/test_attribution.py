@@ -598,12 +598,32 @@ def test_faiss_index_gives_the_streaming_top_k():
         torch.testing.assert_close(got.opponent_scores, want.opponent_scores, rtol=1e-5, atol=1e-5)
 
 
-def reference_scores(model, tokenizer, settings, v_mult):
+def ref_adafactor_steps(model, names, u, opt):
+    """-Δθ of torch Adafactor's next step on each row's corrected gradient ``u`` (flat over
+    ``names``), written from its documented update: per matrix, ρ·max(eps2, RMS(W)) · u /
+    max(1, RMS(u) / d), ρ = min(lr, 1/sqrt(t)); V is not updated by the step (first order)."""
+    params = dict(model.named_parameters())
+    group = opt.param_groups[0]
+    out, start = torch.zeros_like(u), 0
+    for n in names:
+        p = params[n]
+        t = float(opt.state[p]["step"]) + 1
+        alpha = max(group["eps"][1], (p.double().pow(2).mean().sqrt()).item()) * min(group["lr"], t ** -0.5)
+        part = u[:, start:start + p.numel()]
+        rms = part.pow(2).mean(dim=1).sqrt()
+        out[:, start:start + p.numel()] = alpha * part / torch.clamp(rms / group["d"], min=1.0)[:, None]
+        start += p.numel()
+    return out
+
+
+def reference_scores(model, tokenizer, settings, v_mult, opt=None):
     """Full N×M score matrix of a method row, written from SPEC §1 directly."""
     names = ref_param_names(model)
     g_train = torch.stack([ref_gradient(model, tokenizer, names, text=t) for t in TRAIN])
     g_query = torch.stack([ref_gradient(model, tokenizer, names, prompt=p, target=t,
                                         output_fn=settings.output_fn) for p, t in QUERIES])
+    if settings.train_side == "optimizer_step":
+        return g_query @ ref_adafactor_steps(model, names, g_train * v_mult, opt).T
     if settings.use_v:
         g_train, g_query = g_train * v_mult, g_query * v_mult
     if settings.curvature != "none":
@@ -634,13 +654,67 @@ def test_method_rows_equal_the_formula(method, micro, tokenizer, tmp_path):
                                        batch_size=3, chunk_rows=5)
     result = TrackStar(model, tokenizer, settings, optimizer=opt, work_dir=tmp_path).attribute(
         TRAIN, QUERIES)
-    want = reference_scores(model, tokenizer, settings, v_mult)
+    want = reference_scores(model, tokenizer, settings, v_mult, opt)
     got = torch.zeros_like(want)
     for qi in range(len(QUERIES)):
         for j, s in zip(result.proponent_ids[qi], result.proponent_scores[qi]):
             got[qi, j] = s
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
     assert result.v_source == ("torch_adafactor" if settings.use_v else None)
+
+
+def _mean_target_logp(model, tokenizer, prompt, target):
+    p = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    t = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + t])
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return logp[len(p) - 1:-1].gather(-1, ids[0, len(p):, None]).mean().item()
+
+
+@pytest.mark.parametrize("params", ["default", "all"])
+def test_first_order_row_predicts_the_real_one_step_change(params, tokenizer, tmp_path):
+    """The first-order row ranks (query, training text) pairs as the optimizer's real step
+    on the text (V's own update included) changes the query's target log-probability.
+    With the default parameters (the block matrices every method row attributes) it
+    predicts a step of those matrices; with params='all', the full step tail-patch takes."""
+    import copy
+
+    from scipy.stats import spearmanr
+
+    model = make_gpt2(width=8, layers=1)
+    opt = train_adafactor(model, tokenizer, steps=40, lr=0.01)
+    attributed = set(ref_param_names(model))
+    settings = METHODS["first_order"].replace(projection="identity", k=len(TRAIN), batch_size=3, params=params)
+    result = TrackStar(model, tokenizer, settings, optimizer=opt, work_dir=tmp_path).attribute(TRAIN, QUERIES)
+    predicted = torch.zeros(len(QUERIES), len(TRAIN), dtype=torch.float64)
+    for qi in range(len(QUERIES)):
+        for j, s in zip(result.proponent_ids[qi], result.proponent_scores[qi]):
+            predicted[qi, j] = s
+    actual = torch.zeros_like(predicted)
+    before = [_mean_target_logp(model, tokenizer, p, t) for p, t in QUERIES]
+    for j, text in enumerate(TRAIN):
+        m2, o2 = copy.deepcopy((model, opt))
+        ids = torch.tensor([training_example(tokenizer, text, "t", None).ids])
+        F.cross_entropy(m2(input_ids=ids).logits[0, :-1], ids[0, 1:]).backward()
+        if params == "default":
+            for name, p in m2.named_parameters():
+                if name not in attributed:
+                    p.grad = None  # Adafactor skips it
+        o2.step()
+        for qi, (p, t) in enumerate(QUERIES):
+            actual[qi, j] = _mean_target_logp(m2, tokenizer, p, t) - before[qi]
+    rho = spearmanr(predicted.flatten(), actual.flatten()).statistic
+    assert rho > (0.95 if params == "default" else 0.85), rho
+
+
+def test_first_order_row_needs_its_settings_and_an_optimizer(micro, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="optimizer_step.*needs use_v=True, curvature='none' and unit_norm=False"):
+        METHODS["first_order"].replace(unit_norm=True)
+    model, _, _ = micro
+    settings = METHODS["first_order"].replace(projection="identity", k=2, use_v=True)
+    with pytest.raises(SecondMomentError, match="needs the optimizer state"):
+        TrackStar(model, tokenizer, settings, optimizer=None, work_dir=tmp_path).attribute(TRAIN, QUERIES)
 
 
 def test_trackstar_through_the_faiss_scorer_equals_the_formula(micro, tokenizer, tmp_path):

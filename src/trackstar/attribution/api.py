@@ -29,8 +29,10 @@ from .projection import Projector
 from .scoring import TopK, faiss_top_k, merge_top_k, score_chunks, top_k, unit_normalize
 from .second_moment import SecondMoment, estimate_second_moment, second_moment_from_optimizer
 from .settings import AttributionSettings
+from .optimizer_step import optimizer_step
 from .store import (
     SHARDS_FILE,
+    V_KEYS,
     FeatureStore,
     check_compatible,
     check_shard,
@@ -73,7 +75,8 @@ class TrackStar:
     when None. Queries are ``(prompt, target[, id])`` tuples or dicts with
     ``prompt``, ``target`` and optionally ``id``. ``device`` (``auto``, ``cpu``,
     ``cuda``, ``cuda:N``, ``mps``) moves the model there first; None keeps it
-    where it is. Features, V and scores are computed on the model's device;
+    where it is. ``learning_rate``: the rate tail-patch steps with (the
+    checkpoint's final one), for ``train_side='optimizer_step'``. Features, V and scores are computed on the model's device;
     stores and results are on the CPU.
     """
 
@@ -85,6 +88,7 @@ class TrackStar:
         optimizer=None,
         work_dir: str | Path | None = None,
         device: str | torch.device | None = None,
+        learning_rate: float | None = None,
     ):
         from ..device import model_device, resolve_device
 
@@ -97,6 +101,8 @@ class TrackStar:
         self.tokenizer = tokenizer
         self.settings = settings
         self.optimizer = optimizer
+        #: The rate of the optimizer's next step (train_side='optimizer_step'); None: its groups' lr.
+        self.learning_rate = learning_rate
         if work_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="trackstar-")
             work_dir = self._tmp.name
@@ -157,8 +163,10 @@ class TrackStar:
             "d": self.projector.dim,
             "projection": s.projection,
             "seed": s.seed if s.projection == "gaussian" else None,
-            "use_v": s.use_v,
-            "adam_mode": s.adam_mode if s.use_v else None,
+            # v is None where V is not applied to these rows (never with use_v, but for
+            # the queries of train_side='optimizer_step'); equal to s.use_v otherwise.
+            "use_v": v is not None,
+            "adam_mode": s.adam_mode if v is not None else None,
             "v_source": v.source if v is not None else None,
             "output_fn": output_fn,
             "reduction": s.reduction if kind == "query" else "mean",
@@ -255,12 +263,17 @@ class TrackStar:
 
     def _scoring_inputs(self, train: FeatureStore, query: FeatureStore):
         """(transformed queries, training chunks, the chunks' transform, whitening)."""
-        check_compatible(train, query)
-        whitening = self.whitening(train, query)
-        q = self.transform(query.rows().to(self.device), whitening)
         # Scoring streams bigger chunks than extraction writes: a 64 MiB slab
         # per step keeps the per-chunk top-k bookkeeping small next to the matmul.
         rows = max(self.settings.chunk_rows, (64 << 20) // (4 * train.d))
+        if self._step_side:
+            check_compatible(train, query, ignore=V_KEYS)
+            step = optimizer_step(self.model, self.optimizer, self.sites, self.learning_rate)
+            slices = train.layer_slices()
+            return query.rows().to(self.device).float(), train.chunks(rows), lambda x: step.apply(x, slices), None
+        check_compatible(train, query)
+        whitening = self.whitening(train, query)
+        q = self.transform(query.rows().to(self.device), whitening)
         return q, train.chunks(rows), whitening.apply if whitening is not None else None, whitening
 
     def score(self, train: FeatureStore, query: FeatureStore) -> tuple[TopK, Whitening | None]:
@@ -273,10 +286,17 @@ class TrackStar:
         train_examples = self.training_examples(train_texts, train_ids)
         query_examples = self.query_examples(queries)  # a bad query fails before any extraction
         query_ids = [_query_parts(q, i)[2] for i, q in enumerate(queries)]
+        if self._step_side:  # no optimizer state: refused before any extraction
+            optimizer_step(self.model, self.optimizer, self.sites, self.learning_rate)
         v = self.second_moment(train_examples)
         train = self.featurize(train_examples, "train", train_ids, v, expect_shards=shards)
-        query = self.featurize(query_examples, "query", query_ids, v)
+        # The optimizer-step score divides by sqrt(V) once, on the training side.
+        query = self.featurize(query_examples, "query", query_ids, None if self._step_side else v)
         return train, query, query_ids, v
+
+    @property
+    def _step_side(self) -> bool:
+        return self.settings.train_side == "optimizer_step"
 
     # --- sharded scoring: each job ranks its shard's rows, the reduce merges -------------------
     def _topk_dir(self, train, query) -> Path:

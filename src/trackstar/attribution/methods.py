@@ -21,6 +21,10 @@ METHODS: dict[str, AttributionSettings] = {
     "exp4": _BASE.replace(output_fn="loss", use_v=True, curvature="train", unit_norm=True),
     "exp5": _BASE.replace(output_fn="loss", use_v=False, curvature="mix", unit_norm=True),
     "trackstar": _BASE.replace(output_fn="loss", use_v=True, curvature="mix", unit_norm=True),
+    # Not an attribution method: the first-order prediction of tail-patch itself (the
+    # reference row of the tail-patch column; see attribution.optimizer_step).
+    "first_order": _BASE.replace(output_fn="loss", use_v=True, curvature="none", unit_norm=False,
+                                 train_side="optimizer_step"),
 }
 
 

@@ -21,6 +21,7 @@ STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ADAM_MODES = ("exact", "rank1")
 SCORERS = ("stream", "faiss")
+TRAIN_SIDES = ("features", "optimizer_step")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class AttributionSettings:
         :mod:`.projection`).
     curvature, lam, damping, block_diagonal: R and R^{-1/2} (§1.5).
     unit_norm: normalize each feature to unit length after R^{-1/2}.
+    train_side: ``features`` (the paper's symmetric score: the same map on
+        both sides) or ``optimizer_step``: the first-order prediction of
+        tail-patch itself, the query's loss gradient (no V) against the step
+        the checkpoint's optimizer would take on the training example (V on
+        that side only, then the optimizer's per-matrix scaling and update
+        clipping; :mod:`.optimizer_step`). Needs ``use_v``, no R, no unit norm.
     k: number of proponents and opponents kept per query.
     scorer: ``stream`` multiplies streamed training chunks against all
         queries (exact, memory flat in N); ``faiss`` builds a FAISS
@@ -78,6 +85,7 @@ class AttributionSettings:
     padding_side: Literal["right", "left"] = "right"
     scorer: Literal["stream", "faiss"] = "stream"
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    train_side: Literal["features", "optimizer_step"] = "features"
 
     def __post_init__(self) -> None:
         choices = {
@@ -92,6 +100,7 @@ class AttributionSettings:
             "padding_side": ("right", "left"),
             "scorer": SCORERS,
             "model_dtype": MODEL_DTYPES,
+            "train_side": TRAIN_SIDES,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -114,6 +123,12 @@ class AttributionSettings:
             raise ValueError(f"AttributionSettings.d={self.d} must be >= 1 for a Gaussian projection.")
         if self.damping < 0:
             raise ValueError(f"AttributionSettings.damping={self.damping} must be >= 0.")
+        if self.train_side == "optimizer_step" and (not self.use_v or self.curvature != "none" or self.unit_norm):
+            raise ValueError(
+                "AttributionSettings.train_side='optimizer_step' is the optimizer's own step: it needs use_v=True, "
+                f"curvature='none' and unit_norm=False (got use_v={self.use_v}, curvature={self.curvature!r}, "
+                f"unit_norm={self.unit_norm})."
+            )
 
     def replace(self, **changes) -> "AttributionSettings":
         return dataclasses.replace(self, **changes)

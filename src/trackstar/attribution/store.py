@@ -461,7 +461,11 @@ SHARED_KEYS = (
 )
 
 
-def check_compatible(train: FeatureStore, query: FeatureStore) -> None:
-    """Refuse to score features of two stores made under different settings."""
-    compare_meta(query.meta, {k: train.meta.get(k) for k in SHARED_KEYS},
-                 query.path / "meta.json", SHARED_KEYS)
+#: Where V was applied: the optimizer-step score applies it to the training side only.
+V_KEYS = ("v_source", "use_v", "adam_mode")
+
+
+def check_compatible(train: FeatureStore, query: FeatureStore, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to score features of two stores made under different settings (but ``ignore``)."""
+    keys = tuple(k for k in SHARED_KEYS if k not in ignore)
+    compare_meta(query.meta, {k: train.meta.get(k) for k in keys}, query.path / "meta.json", keys)

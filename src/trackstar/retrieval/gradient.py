@@ -24,6 +24,7 @@ LABELS = {
     "trak": "TRAK",
     **{f"exp{i}": f"Exp {i}" for i in range(1, 6)},
     "trackstar": "TrackStar",
+    "first_order": "First-order tail-patch (reference)",
 }
 
 
@@ -54,14 +55,17 @@ class GradientRetriever(Retriever):
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.name, self.name)
+        label = LABELS.get(self.name, self.name)
+        # The reference row predicts a step of the attributed matrices, or with params=all the full step.
+        return f"{label[:-1]}, all parameters)" if self.name == "first_order" and self.attribution.params == "all" else label
 
     @property
     def settings(self) -> dict:
         # k is the stage's (eval.k), not the method's; the default split (whose layout is the
         # strict rule's wherever that one works) is left out so earlier cache keys stay valid.
+        # train_side likewise (it is new), at its default.
         return {k: v for k, v in dataclasses.asdict(self.attribution).items()
-                if k != "k" and not (k == "split" and v == "balanced")}
+                if k != "k" and not (k == "split" and v == "balanced") and not (k == "train_side" and v == "features")}
 
     def check_model(self, model) -> None:
         """Refuse settings the model's shape cannot take (the split of d), before any work."""
@@ -80,7 +84,8 @@ class GradientRetriever(Retriever):
 
         checkpoint = task.checkpoint
         return TrackStar(checkpoint.model, checkpoint.tokenizer, self.attribution.replace(k=task.k),
-                         optimizer=checkpoint.optimizer, work_dir=task.work_dir, device=task.device)
+                         optimizer=checkpoint.optimizer, work_dir=task.work_dir, device=task.device,
+                         learning_rate=checkpoint.learning_rate)
 
     def extract_shard(self, task: RetrievalTask, index: int):
         """Shard ``index`` of ``task.shards`` of the corpus's training features (a map job)."""

@@ -18,6 +18,8 @@ import pandas as pd
 from .aggregate import PaperTable, label_column
 
 HOLDS, FAILS, INCONCLUSIVE, UNCHECKED = "holds", "does not hold", "inconclusive", "not checked"
+#: Not a claim of the paper: a measurement to read the others by.
+REFERENCE = "reference"
 
 
 @dataclass
@@ -73,12 +75,21 @@ def _rows(paired: dict[str, PaperTable], table: str) -> list[str]:
     return [] if t is None else list(t.rows[label_column(t.labels[0])])
 
 
+def _methods(paired: dict[str, PaperTable], table: str) -> list[str]:
+    """The rows that are attribution methods: not the first-order tail-patch reference."""
+    return [r for r in _rows(paired, table) if not r.startswith(REFERENCE_ROW)]
+
+
+#: Label prefix of the reference rows (method first_order): a prediction of tail-patch, not a method.
+REFERENCE_ROW = "First-order tail-patch"
+
+
 def findings(paired: dict[str, PaperTable]) -> list[Finding]:
     """The paper's claims (ICLR 2025, §5–6 and the appendix ablations) on the paired tables at hand."""
     out = []
-    gradient = [r for r in _rows(paired, "table1") if r not in ("BM25", "TrackStar") and not r.startswith("Dense")]
+    gradient = [r for r in _methods(paired, "table1") if r not in ("BM25", "TrackStar") and not r.startswith("Dense")]
     for table in ("table1", "table2"):
-        others = [r for r in _rows(paired, table) if r != "TrackStar"]
+        others = [r for r in _methods(paired, table) if r != "TrackStar"]
         out.append(judge(
             f"({'a' if table == 'table1' else 'a′'}) TrackStar's proponents have the highest tail-patch@10 "
             f"({'closed' if table == 'table1' else 'open'} set)",
@@ -88,7 +99,7 @@ def findings(paired: dict[str, PaperTable]) -> list[Finding]:
         "(a″) counterfactually too: leaving out TrackStar's top 10 proponents and retraining lowers the target "
         "most (leave-top-10-out drop, open set, Table C.1)",
         [Comparison("table_c1", r, "TrackStar", "loo_drop@10", -1)
-         for r in _rows(paired, "table_c1") if r != "TrackStar"], paired,
+         for r in _methods(paired, "table_c1") if r != "TrackStar"], paired,
         "needs the table_c1 sweep (optional in the quick reproduction: trackstar quick --tables table_c1)"))
     for metric in ("mrr", "recall@10"):
         out.append(judge(
@@ -110,7 +121,24 @@ def findings(paired: dict[str, PaperTable]) -> list[Finding]:
             f"(e) the loss output function is at least as good as margin ({metric}; Table A.3)",
             [Comparison("table_a3", "Margin", "loss", metric, -1)], paired,
             "needs the table_a3 sweep with per-query records"))
+    out.append(first_order_reference(paired))
     return out
+
+
+def first_order_reference(paired: dict[str, PaperTable]) -> Finding:
+    """Each method's tail-patch@10 against the first-order prediction of tail-patch itself:
+    how much of it a one-step proxy of the optimizer's geometry already reaches."""
+    claim = ("(ref) each method's tail-patch@10 against the first-order prediction of tail-patch (the query's "
+             "gradient against the optimizer's own step on each passage): not a claim, the yardstick")
+    evidence = []
+    for table in ("table1", "table2"):
+        for r in _methods(paired, table):
+            cell = _cell(paired, Comparison(table, r, "First-order", "tail_patch@10", 1))
+            if cell is not None:
+                evidence.append(f"{table}: {r} − first-order, tail_patch@10: {cell[0]:+.3f} [{cell[1]:+.3f}, {cell[2]:+.3f}]")
+    if not evidence:
+        return Finding(claim, UNCHECKED, ["needs the first_order row in the table1 or table2 sweep"])
+    return Finding(claim, REFERENCE, evidence)
 
 
 def to_markdown(found: list[Finding], provenance: Sequence[str]) -> str:

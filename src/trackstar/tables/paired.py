@@ -3,8 +3,8 @@
 Whether one method beats another is a paired question: every run of a table
 scores the same queries, so the difference of their per-query metrics has a
 far tighter interval than the two marginal intervals suggest. For each row and
-each reference (TrackStar and BM25 in the method tables; the default TrackStar
-row in the ablation tables), the companion table ``<name>_paired`` gives the
+each reference (TrackStar, BM25 and the first-order tail-patch prediction in
+the method tables; the default TrackStar row in the ablation tables), the companion table ``<name>_paired`` gives the
 mean per-query difference (row minus reference) with a percentile-bootstrap
 interval over queries (the runs' own resamples and confidence, seed 0),
 computed from the ``per_query.csv`` each run record keeps. Queries are those
@@ -26,9 +26,11 @@ from .aggregate import Column, PaperTable, label_column
 
 #: Per table: the reference rows, as (label, predicate on a table row).
 METHOD_REFERENCES = (("TrackStar", lambda r: r["method"] == "trackstar"), ("BM25", lambda r: r["method"] == "bm25"))
+#: The first-order prediction of tail-patch (over the attributed matrices, as every method row).
+FIRST_ORDER = ("First-order", lambda r: r["method"] == "first_order" and r.get("params", "default") == "default")
 REFERENCES: dict[str, tuple[tuple[str, Callable[[pd.Series], bool]], ...]] = {
-    "table1": METHOD_REFERENCES,
-    "table2": METHOD_REFERENCES,
+    "table1": (*METHOD_REFERENCES, FIRST_ORDER),
+    "table2": (*METHOD_REFERENCES, FIRST_ORDER),
     "table_a6": METHOD_REFERENCES,
     "table_c1": (*METHOD_REFERENCES, ("Random scores", lambda r: r["method"] == "random")),
     "table_a3": (("loss", lambda r: r["output_fn"] == "loss"),),
