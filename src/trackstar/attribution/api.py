@@ -21,6 +21,7 @@ import torch
 from ..device import check_model_dtype
 from ..io import ArtifactError, atomic_write_checked, config_hash, is_complete, read_checked
 from .curvature import CurvatureCache, Whitening, auto_lambda, mix
+from .diagnostics import TRAIN_SAMPLE, curvature_diagnostic
 from .features import FeatureExtractor, extract_to_store
 from .gradients import all_parameter_sites, block_linear_sites
 from ..lm.data import context_length
@@ -55,6 +56,9 @@ class AttributionResult:
     settings: AttributionSettings
     train_store: Path | None = None
     query_store: Path | None = None
+    #: Where queries and training rows put their energy among R's top eigendirections
+    #: (:mod:`.diagnostics`); for rows with R (full, not block-diagonal).
+    curvature_diagnostic: dict | None = None
 
 
 def _query_parts(q, i) -> tuple[str, str, object]:
@@ -382,6 +386,8 @@ class TrackStar:
         else:
             top, whitening = self.score(train, query)
         ids = train.row_ids
+        diagnostic = self.curvature_diagnostic(train, query, whitening) \
+            if self.settings.curvature != "none" and not self.settings.block_diagonal else None
         return AttributionResult(
             query_ids=query_ids,
             proponent_ids=[[ids[j] for j in row] for row in top.proponent_rows.tolist()],
@@ -393,7 +399,17 @@ class TrackStar:
             settings=self.settings,
             train_store=train.path,
             query_store=query.path,
+            curvature_diagnostic=diagnostic,
         )
+
+    def curvature_diagnostic(self, train: FeatureStore, query: FeatureStore, whitening: Whitening | None) -> dict:
+        """See :func:`.diagnostics.curvature_diagnostic`: R_train comes from the curvature
+        cache (the whitening just used it), R_eval's eigenvectors from the query rows."""
+        cache = CurvatureCache(self.work_dir / "curvature")
+        _, r_train = cache.second_moment(train, [slice(0, train.d)], self.settings.chunk_rows, self.device)
+        sample = train.rows(0, min(train.n_rows, TRAIN_SAMPLE))
+        return curvature_diagnostic(query.rows(), sample, r_train()[0],
+                                    whitening.apply if whitening is not None else None)
 
 
 def attribute(model, tokenizer, train_texts: Sequence[str], queries: Sequence,

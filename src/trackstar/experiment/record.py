@@ -44,6 +44,8 @@ ATTEMPTS_DIR = "attempts"
 WANDB_CONFIG_KEY = "run_record"
 STATS = ("mean", "ci_low", "ci_high", "n")
 SPLIT_PREFIX = "split/"
+#: Table-row columns of the R diagnostic a gradient run with R records in its info.
+DIAGNOSTIC_PREFIX = "rdiag/"
 UNKNOWN_COMMIT = "unknown"
 
 
@@ -156,6 +158,7 @@ class RunRecord:
             "bootstrap_resamples": self.eval.get("bootstrap_resamples"),
         }
         row.update({k: v for k, v in self.method.settings.items() if k not in row})
+        row.update({f"{DIAGNOSTIC_PREFIX}{k}": v for k, v in (self.info.get("curvature_diagnostic") or {}).items()})
         row.update(self.flat_metrics())
         return row
 

@@ -116,7 +116,8 @@ class GradientRetriever(Retriever):
         )
         info = {"lambda": result.lam, "lambda_default": DEFAULT_LAMBDA[task.corpus],
                 "v_source": result.v_source, "settings": self.settings,
-                "train_store": str(result.train_store), "query_store": str(result.query_store)}
+                "train_store": str(result.train_store), "query_store": str(result.query_store),
+                **({"curvature_diagnostic": result.curvature_diagnostic} if result.curvature_diagnostic else {})}
         records = [
             retrieval_record(q, corpus, pids, pscores, oids, oscores)
             for q, pids, pscores, oids, oscores in zip(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..experiment.record import DIAGNOSTIC_PREFIX
 from .aggregate import PaperTable, label_column
 
 HOLDS, FAILS, INCONCLUSIVE, UNCHECKED = "holds", "does not hold", "inconclusive", "not checked"
@@ -84,8 +85,9 @@ def _methods(paired: dict[str, PaperTable], table: str) -> list[str]:
 REFERENCE_ROW = "First-order tail-patch"
 
 
-def findings(paired: dict[str, PaperTable]) -> list[Finding]:
-    """The paper's claims (ICLR 2025, §5–6 and the appendix ablations) on the paired tables at hand."""
+def findings(paired: dict[str, PaperTable], runs: pd.DataFrame | None = None) -> list[Finding]:
+    """The paper's claims (ICLR 2025, §5–6 and the appendix ablations) on the paired tables at hand,
+    and, from ``runs`` (the runs DataFrame), the R diagnostic."""
     out = []
     gradient = [r for r in _methods(paired, "table1") if r not in ("BM25", "TrackStar") and not r.startswith("Dense")]
     for table in ("table1", "table2"):
@@ -122,7 +124,37 @@ def findings(paired: dict[str, PaperTable]) -> list[Finding]:
             [Comparison("table_a3", "Margin", "loss", metric, -1)], paired,
             "needs the table_a3 sweep with per-query records"))
     out.append(first_order_reference(paired))
+    if runs is not None:
+        out.append(r_diagnostic(runs))
     return out
+
+
+def r_diagnostic(runs: pd.DataFrame, k: int = 10) -> Finding:
+    """Where the Table 1 rows with R put the queries' and training rows' energy (the runs'
+    ``rdiag/`` columns): why R helps or does not on this world."""
+    claim = (f"(R) why R helps or not: share of squared gradient norm in the top-{k} eigendirections of R_eval "
+             "and of R_train, before and after the run's own R^{-1/2} (Table 1 runs): not a claim, a diagnostic")
+    key = f"{DIAGNOSTIC_PREFIX}query/r_eval_top{k}"
+    chosen = runs[(runs["table"] == "table1")] if "table" in runs else runs
+    if key not in chosen or chosen[key].isna().all():
+        return Finding(claim, UNCHECKED, ["needs Table 1 runs with R recorded by this version (their run records' "
+                                          "info.curvature_diagnostic)"])
+    chosen = chosen[chosen[key].notna()].sort_values("method_rank")
+    evidence = []
+    for _, r in chosen.iterrows():
+        def share(name, rr):
+            value = r.get(f"{DIAGNOSTIC_PREFIX}{name}/{rr}_top{k}")
+            return "—" if value is None or pd.isna(value) else f"{value:.3f}"
+        evidence.append(
+            f"{r['method_label']} (R={r.get('curvature')}, V={'yes' if r.get('use_v') else 'no'}, "
+            f"f={r.get('output_fn')}): queries {share('query', 'r_eval')} in R_eval's, {share('query', 'r_train')} in "
+            f"R_train's; training rows {share('train', 'r_eval')} / {share('train', 'r_train')}; after R^-1/2, queries "
+            f"{share('query_whitened', 'r_eval')} / {share('query_whitened', 'r_train')} (random directions: "
+            f"{r.get(f'{DIAGNOSTIC_PREFIX}random/top{k}', float('nan')):.4f})")
+    evidence.append("Read: a large query share in R_eval's top directions that R^-1/2 removes is the common part "
+                    "of the queries (template, output layer) R_mix takes out; a small share in R_train's means "
+                    "R_train alone leaves the queries as they are.")
+    return Finding(claim, REFERENCE, evidence)
 
 
 def first_order_reference(paired: dict[str, PaperTable]) -> Finding:
