@@ -124,3 +124,24 @@ def test_first_order_reference_and_r_diagnostic_in_findings(tmp_path):
     assert found["(ref)"].verdict == REFERENCE and any(e.startswith("table1: TrackStar − first-order") for e in found["(ref)"].evidence)
     assert found["(R)"].verdict == REFERENCE
     assert "queries 0.610 in R_eval's, 0.070 in R_train's" in found["(R)"].evidence[0]
+
+
+@pytest.mark.parametrize("direction, verdict", [(1, "holds"), (-1, "does not hold")])
+def test_scale_claim_pairs_sizes_and_checkpoints_over_the_same_queries(direction, verdict, tmp_path):
+    """Claim (c): per regime, the largest model's final checkpoint against the smallest's, and each
+    size's last checkpoint against its first, on paired per-query MRR."""
+    from trackstar.tables.findings import findings
+
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.2, 0.8, N)
+    for size, frac, shift in (("micro", 1.0, 0.0), ("tiny", 0.25, 0.0), ("tiny", 1.0, 0.1)):
+        rec = record("figure2_scale", "trackstar", 0.5, size=size, checkpoint=frac)
+        rec["config_id"] += f"-{size}-{frac}"
+        _per_query(rng, base, direction * shift, 0.02).to_csv(write(tmp_path / "results", rec) / "per_query.csv", index=False)
+    frame = load_local_runs(tmp_path / "results").frame
+    (c,) = [f for f in findings({}, frame) if f.claim.startswith("(c)")]
+    assert c.verdict == verdict
+    assert [e.split(":")[0] + ":" + e.split(":")[1] for e in c.evidence] == [
+        "tiny world, preset epochs: tiny − micro model (final)", "tiny world, preset epochs, tiny model: checkpoint 1 − 0.25"]
+    mean = float(c.evidence[0].split("MRR ")[1].split(" ")[0])
+    assert mean == pytest.approx(direction * 0.1, abs=0.02)

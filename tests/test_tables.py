@@ -173,7 +173,26 @@ def test_figure2_panels(results):
     assert "table_a4 runs" in fig.panels["d"].note  # no figure2_dim runs
     assert labels(fig.panels["d"], "Projection dimension d") == ["256", "1024", "4096"]
     assert labels(fig.panels["size"], "Model size") == ["micro", "tiny", "small"]
-    assert labels(fig.panels["step"], "Fraction of training steps") == ["0.25", "0.5", "1"]
+    # A line per model size in the training panel (one regime: not in the labels).
+    assert list(zip(labels(fig.panels["step"]), labels(fig.panels["step"], "Fraction of training steps"))) == [
+        ("TrackStar, micro model", "1"), ("TrackStar, tiny model", "0.25"), ("TrackStar, tiny model", "0.5"),
+        ("TrackStar, tiny model", "1"), ("TrackStar, small model", "1")]
+
+
+def test_figure2_separates_training_regimes(results):
+    """Runs of the paper regime (another world, 2 epochs) are lines of their own."""
+    for size, frac, mrr in (("tiny", 1.0, 0.5), ("small", 1.0, 0.6), ("tiny", 0.5, 0.4)):
+        rec = record("figure2_scale", "trackstar", mrr, size=size, checkpoint=frac)
+        rec["world"]["profile"], rec["model"]["epochs"] = "small", 2
+        rec["config_id"] += "-paper"
+        write(results, rec)
+    fig = figure2(load_local_runs(results).frame)
+    size = list(zip(labels(fig.panels["size"]), labels(fig.panels["size"], "Model size")))
+    assert size == [("TrackStar, small world, 2 epochs", "tiny"), ("TrackStar, small world, 2 epochs", "small"),
+                    ("TrackStar, tiny world, preset epochs", "micro"), ("TrackStar, tiny world, preset epochs", "tiny"),
+                    ("TrackStar, tiny world, preset epochs", "small")]
+    assert "TrackStar, small world, 2 epochs, tiny model" in labels(fig.panels["step"])
+    assert labels(fig.panels["d"])[0] == "TrackStar"  # the d panel has one regime
 
 
 def test_absent_table_is_skipped_or_strict_error(results, tmp_path, capsys):

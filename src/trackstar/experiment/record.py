@@ -151,6 +151,7 @@ class RunRecord:
             "model_size": self.model.get("size"),
             "model_seed": self.model.get("seed"),
             "checkpoint": self.model.get("checkpoint"),
+            "model_epochs": self.model.get("epochs"),
             "hf_name_or_path": self.model.get("hf_name_or_path"),
             "lam_used": self.info.get("lambda"),
             "lam_default": self.info.get("lambda_default"),

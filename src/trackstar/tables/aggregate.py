@@ -77,6 +77,14 @@ def lam_label(run: pd.Series) -> str:
     return f"{float(run['lam']):g}"
 
 
+def regime_label(run: pd.Series) -> str:
+    """The training regime of a run: its world and how many epochs its model saw
+    (``preset``: the size preset's own, 4–10 over the tiny world)."""
+    epochs = run.get("model_epochs")
+    trained = "preset epochs" if epochs is None or (isinstance(epochs, float) and math.isnan(epochs)) else f"{int(epochs)} epochs"
+    return f"{run['world_profile']} world, {trained}"
+
+
 def yes_no(value) -> str:
     return "yes" if bool(value) else "no"
 

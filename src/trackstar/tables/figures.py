@@ -3,23 +3,25 @@
 Three panels, each a small :class:`PaperTable` (so the plotted numbers also go
 to ``figure2.csv``): d from the runs tagged ``figure2_dim`` (else
 ``table_a4``); model size from the ``figure2_scale`` runs of final checkpoints;
-training progress from the ``figure2_scale`` runs of the tiny model at every
-checkpoint fraction. One line per method, error bars from the 95% intervals.
+training progress from the ``figure2_scale`` runs at every checkpoint fraction,
+a line per model size. Runs of several training regimes (``regime=paper``:
+another world, 2 epochs) get a line each, labelled with their world and
+epochs. Error bars from the 95% intervals.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ..io import atomic_write_bytes
-from .aggregate import MAIN_COLUMNS, PaperTable, build_table, label_column, method_label, select
+from .aggregate import MAIN_COLUMNS, PaperTable, build_table, label_column, method_label, regime_label, select
 
 SIZE_ORDER = ("micro", "tiny", "small", "medium")
-SCALING_SIZE = "tiny"
 FIGURE_COLUMNS = [MAIN_COLUMNS[0], MAIN_COLUMNS[2]]
 TITLE = "Figure 2: MRR and tail-patch@10 vs projection dimension, model size and training steps"
 X_LABELS = {"d": "Projection dimension d", "size": "Model size", "step": "Fraction of training steps"}
@@ -44,22 +46,41 @@ def _x(panel: str, run: pd.Series):
     return float(run["checkpoint"])
 
 
+def _line(panel: str, regimes: int, sizes: int) -> Callable[[pd.Series], str]:
+    """A line's label: the method, then its regime when the panel has several, then (the
+    training panel) its model size when it has several."""
+    def label(run: pd.Series) -> str:
+        parts = [method_label(run)]
+        if regimes > 1 and panel != "d":
+            parts.append(regime_label(run))
+        if sizes > 1 and panel == "step":
+            parts.append(f"{run['model_size']} model")
+        return ", ".join(parts)
+    return label
+
+
 def figure2(runs: pd.DataFrame, strict: bool = False) -> Figure2 | None:
     dim, note = select(runs, "figure2_dim", fallback="table_a4")
     dim = dim[dim["d"].notna() & (dim["projection"] != "identity")]
-    scale = runs[runs["table"] == "figure2_scale"]
+    scale = runs[(runs["table"] == "figure2_scale") & runs["model_size"].isin(SIZE_ORDER)]
     sources = {
         "d": (dim, note),
-        "size": (scale[(scale["checkpoint"] == 1.0) & scale["model_size"].isin(SIZE_ORDER)], None),
-        "step": (scale[(scale["model_size"] == SCALING_SIZE) & scale["checkpoint"].notna()], None),
+        "size": (scale[scale["checkpoint"] == 1.0], None),
+        "step": (scale[scale["checkpoint"].notna()], None),
     }
     panels = {}
     for panel, (chosen, panel_note) in sources.items():
         x_header = X_LABELS[panel]
+        regimes = chosen.apply(regime_label, axis=1).nunique() if not chosen.empty else 0
+        sizes = chosen["model_size"].nunique() if not chosen.empty else 0
+        line = _line(panel, regimes, sizes)
         panels[panel] = build_table(
             f"figure2 ({panel})", f"Figure 2: {x_header}", chosen,
-            {"Method": method_label, x_header: lambda r, p=panel: str(r["model_size"]) if p == "size" else f"{_x(p, r):g}"},
-            FIGURE_COLUMNS, key=lambda r, p=panel: (r["method"], _x(p, r)), note=panel_note, strict=strict,
+            {"Method": line, x_header: lambda r, p=panel: str(r["model_size"]) if p == "size" else f"{_x(p, r):g}"},
+            FIGURE_COLUMNS,
+            key=lambda r, p=panel: (r["method"], regime_label(r) if p != "d" else "",
+                                    SIZE_ORDER.index(r["model_size"]) if p == "step" else 0, _x(p, r)),
+            note=panel_note, strict=strict,
         )
     result = Figure2(panels)
     return result if result.present else None
