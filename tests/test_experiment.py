@@ -33,9 +33,15 @@ def test_one_sweep_file_per_table_and_figure():
     assert names[0] == "table1"  # it builds the stages the others share
     assert {tags[0] for tags in SOURCES.values()} <= set(names)
     tags = {tag for tags in SOURCES.values() for tag in tags}
-    # A sweep feeds the output of its own name, or (the scale study) writes runs of an existing tag.
-    assert set(names) - {"scale_study"} <= tags
-    assert OmegaConf.load(SWEEPS_DIR / "scale_study.yaml").defaults[1] == {"override /experiment": "figure2_scale"}
+    # A sweep feeds the output of its own name, or (an optional one) writes runs of an existing tag.
+    assert {_experiment(name) for name in names} <= tags
+    assert {name for name in names if _experiment(name) != name} <= set(OPTIONAL_SWEEPS)
+
+
+def _experiment(sweep: str) -> str:
+    """The experiment a sweep file selects (the tag its runs get)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(SWEEPS_DIR / f"{sweep}.yaml").defaults)
+    return next(d["override /experiment"] for d in defaults if isinstance(d, dict) and "override /experiment" in d)
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
@@ -54,7 +60,7 @@ def test_every_sweep_grid_point_composes_and_validates(sweep):
             choices = list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(values)]
             for value in choices:
                 cfg = compose(config_name=sweep.stem, overrides=[search, f"{key}={value}"])
-                assert cfg.table == ("figure2_scale" if sweep.stem == "scale_study" else sweep.stem)
+                assert cfg.table == _experiment(sweep.stem)
                 validate(cfg)
 
 

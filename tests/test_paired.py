@@ -145,3 +145,21 @@ def test_scale_claim_pairs_sizes_and_checkpoints_over_the_same_queries(direction
         "tiny world, preset epochs: tiny − micro model (final)", "tiny world, preset epochs, tiny model: checkpoint 1 − 0.25"]
     mean = float(c.evidence[0].split("MRR ")[1].split(" ")[0])
     assert mean == pytest.approx(direction * 0.1, abs=0.02)
+
+
+def test_paired_difference_of_a_row_over_seeds_uses_its_seed_mean_per_query(tmp_path):
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.2, 0.8, N)
+    ref = _per_query(rng, base, 0.0, 0.02)
+    ref.to_csv(write(tmp_path / "results", record("table1", "trackstar", 0.5)) / "per_query.csv", index=False)
+    seeds = []
+    for seed in (0, 1):
+        rec = record("table1", "bm25", 0.6)
+        rec["model"]["seed"], rec["config_id"] = seed, f"bm25-seed{seed}"
+        seeds.append(_per_query(rng, base, 0.1 * (seed + 1), 0.02))
+        seeds[-1].to_csv(write(tmp_path / "results", rec) / "per_query.csv", index=False)
+    paired = paired_table(table1(load_local_runs(tmp_path / "results").frame))
+    bm25 = paired.rows[paired.rows["label:Method"] == "BM25"].iloc[0]
+    keep = ref["has_trex_sentence"]
+    want = ((seeds[0]["mrr"] + seeds[1]["mrr"]) / 2 - ref["mrr"])[keep].mean()
+    assert bm25["paired/TrackStar/mrr"] == pytest.approx(want, abs=1e-12)

@@ -353,3 +353,34 @@ def test_tables_are_published_to_one_offline_wandb_run(results, tmp_path, monkey
     tables = {p.name.split("_")[0] for p in (run / "files" / "media" / "table").glob("*.table.json")}
     assert "table1" in tables and "figure2" in tables
     assert list((run / "files" / "media" / "images" / "figure2").glob("*.png"))
+
+
+def test_runs_differing_only_in_seeds_are_one_row_over_seeds(tmp_path):
+    """Seeds are no duplicates: a row over seeds has their mean, the per-query interval averaged,
+    and a t-interval across seeds; a re-run of one seed still supersedes the older run."""
+    from scipy import stats as st
+
+    root = tmp_path / "results"
+    write(root, record("table1", "bm25", 0.9))
+    mrrs = {0: 0.50, 1: 0.56, 2: 0.47}
+    for seed, mrr in mrrs.items():
+        rec = record("table1", "trackstar", mrr)
+        rec["model"]["seed"] = seed
+        write(root, rec)
+    old = record("table1", "trackstar", 0.1, finished="2024-01-01T00:00:00+00:00")  # seed 0, older
+    old["config_id"] += "-old"
+    write(root, old)
+    with pytest.warns(UserWarning, match="share a row with a later run"):
+        table = TABLES["table1"](load_local_runs(root).frame)
+    assert len(table.rows) == 2 and len(table.superseded) == 1
+    row = table.rows[table.rows["label:Method"] == "TrackStar"].iloc[0]
+    values = list(mrrs.values())
+    half = st.t.ppf(0.975, 2) * pd.Series(values).std() / 3 ** 0.5
+    assert row["mrr"] == pytest.approx(sum(values) / 3)
+    assert row["mrr/ci_low"] == pytest.approx(sum(values) / 3 - 0.05)
+    assert (row["mrr/seed_low"], row["mrr/seed_high"], row["mrr/seeds"]) == pytest.approx(
+        (row["mrr"] - half, row["mrr"] + half, 3))
+    assert len(table.runs) == 4  # BM25 and the three seeds
+    markdown = to_markdown(table)
+    assert f"{row['mrr']:.3f} [{row['mrr/ci_low']:.3f}, {row['mrr/ci_high']:.3f}]; seeds [" in markdown
+    assert "n=3" in markdown and "t-interval across seeds" in markdown

@@ -2,9 +2,11 @@
 
 Each table takes the runs tagged with its name (the run's ``table`` field;
 A.6 and A.7 fall back to the Table 1 runs), keys each run to a row, and reads
-its metric columns. Two runs with one row key (a re-run after a config change
-leaves the old directory behind) keep the most recently finished one; the
-superseded run is named in a warning and in the table's provenance.
+its metric columns. Two runs with one row key and the same seeds (a re-run after
+a config change leaves the old directory behind) keep the most recently
+finished one; the superseded run is named in a warning and in the table's
+provenance. Runs of one row key with different seeds are one row over seeds
+(:func:`over_seeds`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ class PaperTable:
 
     @property
     def runs(self) -> list[str]:
-        return list(self.rows["run"])
+        """Every run behind the rows (all seeds of a row over seeds)."""
+        seeds = self.rows["seed_runs"] if "seed_runs" in self.rows else [None] * len(self.rows)
+        return [r for run, many in zip(self.rows["run"], seeds) for r in (many if isinstance(many, tuple) else (run,))]
 
     @property
     def commits(self) -> Counter:
@@ -140,8 +144,9 @@ def build_table(
     """
     if runs.empty:
         return None
-    runs = runs.assign(_key=[key(r) for _, r in runs.iterrows()])
-    latest = runs.sort_values("finished", na_position="first", kind="stable").groupby("_key", sort=False).tail(1)
+    runs = runs.assign(_key=[key(r) for _, r in runs.iterrows()],
+                       _seeds=[tuple(str(r.get(f)) for f in SEED_FIELDS) for _, r in runs.iterrows()])
+    latest = runs.sort_values("finished", na_position="first", kind="stable").groupby(["_key", "_seeds"], sort=False).tail(1)
     superseded = sorted(set(runs["run"]) - set(latest["run"]))
     if superseded:
         message = (
@@ -151,11 +156,46 @@ def build_table(
         if strict:
             raise TablesError(message + " (--strict is set)")
         warnings.warn(message, stacklevel=3)
-    order = sorted(range(len(latest)), key=lambda i: latest["_key"].iloc[i])
-    rows = latest.iloc[order].reset_index(drop=True)
+    groups = [group for _, group in latest.groupby("_key", sort=False)]
+    merged = pd.DataFrame([over_seeds(g, columns) if len(g) > 1 else g.iloc[0] for g in groups])
+    order = sorted(range(len(merged)), key=lambda i: merged["_key"].iloc[i])
+    rows = merged.iloc[order].reset_index(drop=True)
     for header, make in labels.items():
         rows[label_column(header)] = [make(r) for _, r in rows.iterrows()]
-    return PaperTable(name, title, list(labels), list(columns), rows.drop(columns="_key"), note, superseded)
+    if any(len(g) > 1 for g in groups):
+        note = " ".join(filter(None, [note, SEEDS_NOTE]))
+    return PaperTable(name, title, list(labels), list(columns), rows.drop(columns=["_key", "_seeds"]), note, superseded)
+
+
+#: What makes two runs of one table row seeds of each other: the world, model
+#: (initialization and data order) and projection seeds.
+SEED_FIELDS = ("world_seed", "model_seed", "seed")
+SEEDS_NOTE = ("Rows over several seeds (world, model or projection): the mean over seeds, the per-query "
+              "interval averaged over seeds in brackets, then the t-interval across seeds and their number.")
+
+
+def over_seeds(group: pd.DataFrame, columns) -> pd.Series:
+    """One row for runs that differ only in their seeds: per metric column, the mean over seeds,
+    each seed's per-query interval averaged (``ci_low``/``ci_high``), and a t-interval across
+    seeds (``seed_low``/``seed_high``, ``seeds``); the latest run's fields otherwise."""
+    from scipy import stats
+
+    row = group.sort_values("finished", na_position="first", kind="stable").iloc[-1].copy()
+    row["seed_runs"] = tuple(group["run"])
+    for c in columns:
+        if c.key not in group:
+            continue
+        values = group[c.key].dropna().astype(float)
+        if values.empty:
+            continue
+        mean, n = float(values.mean()), len(values)
+        row[c.key] = mean
+        for part in ("ci_low", "ci_high"):
+            if f"{c.key}/{part}" in group:
+                row[f"{c.key}/{part}"] = float(group[f"{c.key}/{part}"].astype(float).mean())
+        half = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        row[f"{c.key}/seed_low"], row[f"{c.key}/seed_high"], row[f"{c.key}/seeds"] = mean - half, mean + half, n
+    return row
 
 
 def _method_table(name: str, title: str, runs: pd.DataFrame, columns, note, strict) -> PaperTable | None:

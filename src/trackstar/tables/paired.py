@@ -51,6 +51,21 @@ def per_query(run: str) -> pd.DataFrame | None:
     return frame.set_index("example_id")
 
 
+def row_frame(row: pd.Series) -> pd.DataFrame | None:
+    """The per-query metrics of a table row: its run's, or for a row over seeds the mean over
+    its seeds' runs of each query they all have (none when the world seed differs)."""
+    runs = row["seed_runs"] if isinstance(row.get("seed_runs"), tuple) else (row["run"],)
+    frames = [per_query(run) for run in runs]
+    if any(f is None for f in frames):
+        return None
+    if len(frames) == 1:
+        return frames[0]
+    shared = frames[0].index
+    for f in frames[1:]:
+        shared = shared.intersection(f.index)
+    return pd.concat([f.loc[shared].select_dtypes("number") for f in frames]).groupby(level=0).mean()
+
+
 def paired_difference(a: pd.Series, b: pd.Series, confidence: float, resamples: int) -> dict:
     """Mean of a − b over the queries both have, with its percentile-bootstrap interval."""
     both = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
@@ -71,7 +86,7 @@ def paired_table(table: PaperTable) -> PaperTable | None:
     if not references:
         return None
     rows = table.rows
-    frames = {run: per_query(run) for run in rows["run"]}
+    frames = {r["run"]: row_frame(r) for _, r in rows.iterrows()}
     if any(f is None for f in frames.values()):  # W&B runs, or records without per-query metrics
         return None
     out = rows.copy()

@@ -76,14 +76,19 @@ def _present(value) -> bool:
 
 
 def format_cell(row: pd.Series, key: str, digits: int = DIGITS) -> str:
-    """``mean [ci_low, ci_high]``; the mean alone where the interval is unknown (W&B splits)."""
+    """``mean [ci_low, ci_high]``; the mean alone where the interval is unknown (W&B splits);
+    for a row over seeds, then ``; seeds [low, high] n=N`` (the t-interval across seeds)."""
     mean = row.get(key)
     if not _present(mean):
         return MISSING
     low, high = row.get(f"{key}/ci_low"), row.get(f"{key}/ci_high")
+    cell = f"{mean:.{digits}f}"
     if _present(low) and _present(high):
-        return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-    return f"{mean:.{digits}f}"
+        cell += f" [{low:.{digits}f}, {high:.{digits}f}]"
+    seeds = row.get(f"{key}/seeds")
+    if _present(seeds) and seeds > 1:
+        cell += f"; seeds [{row[f'{key}/seed_low']:.{digits}f}, {row[f'{key}/seed_high']:.{digits}f}] n={int(seeds)}"
+    return cell
 
 
 def cells(table: PaperTable) -> tuple[list[str], list[list[str]]]:
@@ -130,7 +135,8 @@ def to_csv(table: PaperTable) -> str:
     """Numbers in full precision: per metric column its mean, ci_low, ci_high and n."""
     out = pd.DataFrame({h: table.rows[label_column(h)] for h in table.labels})
     for c in table.columns:
-        for part, suffix in (("mean", ""), ("ci_low", "/ci_low"), ("ci_high", "/ci_high"), ("n", "/n")):
+        for part, suffix in (("mean", ""), ("ci_low", "/ci_low"), ("ci_high", "/ci_high"), ("n", "/n"),
+                             *((p, f"/{p}") for p in ("seed_low", "seed_high", "seeds") if f"{c.key}/seeds" in table.rows)):
             key = c.key + suffix
             out[f"{c.header} {part}"] = table.rows[key] if key in table.rows else float("nan")
     out["run"] = table.rows["run"]
