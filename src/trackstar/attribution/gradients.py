@@ -156,19 +156,17 @@ def layer_factors(
     gradient of its own output function. Pad positions are NOT masked here;
     the caller masks after projecting, where the tensors are smallest.
     """
+    from .fused import fused_activations
+
     modules = site_modules(model, sites)
     acts: dict[str, torch.Tensor] = {}
-    grads: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
     handles = []
 
     def make_hook(name):
         def hook(module, inputs, output):
             acts[name] = inputs[0].detach()
-
-            def keep(g):
-                grads[name] = g.detach()
-
-            output.register_hook(keep)
+            outputs[name] = output
 
         return hook
 
@@ -177,25 +175,33 @@ def layer_factors(
         # to run; the embedding output is the earliest such tensor.
         return output.detach().requires_grad_(True)
 
-    with eval_mode(model), frozen_parameters(model), torch.enable_grad():
+    with eval_mode(model), frozen_parameters(model), torch.enable_grad(), fused_activations(model):
         try:
             handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(make_hook(name)))
             logits = forward_logits(model, batch)
-            objective(logits, batch).backward()
         finally:
             for h in handles:
                 h.remove()
-
-    result = {}
-    for site in sites:
-        if site.name not in grads:
+        unused = [s.name for s in sites if s.name not in outputs or not outputs[s.name].requires_grad]
+        if unused:
             raise RuntimeError(
-                f"No output gradient reached {site.name}: the layer is unused by the "
+                f"No output gradient reaches {unused[0]}: the layer is unused by the "
                 "forward pass. Exclude it from the parameter set."
             )
-        result[site.name] = (acts[site.name].float(), grads[site.name].float())
+        # Gradients with respect to the sites' outputs only: autograd runs no
+        # part of the backward that none of them needs (below the first site).
+        grads = torch.autograd.grad(objective(logits, batch), [outputs[s.name] for s in sites], allow_unused=True)
+
+    result = {}
+    for site, grad in zip(sites, grads):
+        if grad is None:
+            raise RuntimeError(
+                f"No output gradient reached {site.name}: the layer does not affect the output. "
+                "Exclude it from the parameter set."
+            )
+        result[site.name] = (acts[site.name].float(), grad.float())
     return result
 
 

@@ -129,6 +129,8 @@ def collate(examples: Sequence[Example], padding_side: str = "right", pad_id: in
 
 
 def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    from .fused import weighted_token_loss
+
     """Sum over examples of each example's weighted output: Σ_i f(z_i)."""
     # Position t of the logits predicts ids[t + 1]. Shifting the labels and
     # weights (the last position gets weight 0) rather than slicing the logits
@@ -145,6 +147,9 @@ def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         else:
             rows = torch.tensor([e.output_fn == fn for e in batch.examples])
             p, y, wr = logits[rows], labels[rows], w[rows]
+        if fn == "loss":  # the weighted cross-entropy with a one-pass backward
+            total = total + weighted_token_loss(p.float(), y, wr)
+            continue
         values = token_outputs(p, y, fn)
         # where() rather than a product: a pad position's value may be inf/NaN
         # and 0 * NaN would leak into the sum.
