@@ -47,15 +47,19 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Write to a temporary file, then rename it over ``path``: readers see the old file or
+    the new one, never half of it. ``durable`` also flushes it to disk before the rename
+    (fsync); a checksummed cache skips that, as its check catches what a power loss leaves."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -105,8 +109,10 @@ def read_checked(path: str | os.PathLike) -> bytes:
 
 
 def atomic_write_json_checked(path: str | os.PathLike, obj: Any) -> None:
-    """JSON holding ``obj`` and the sha256 of its canonical form (see :func:`read_json_checked`)."""
-    atomic_write_json(path, {"data": obj, "sha256": hashlib.sha256(dumps_json(obj).encode()).hexdigest()})
+    """JSON holding ``obj`` and the sha256 of its canonical form (see :func:`read_json_checked`).
+    Not flushed to disk (fsync): a file torn by a power loss fails its check and is recomputed."""
+    text = dumps_json({"data": obj, "sha256": hashlib.sha256(dumps_json(obj).encode()).hexdigest()})
+    atomic_write_bytes(path, text.encode("utf-8"), durable=False)
 
 
 def read_json_checked(path: str | os.PathLike) -> Any:
