@@ -171,5 +171,5 @@ def test_settings_and_presets_validate():
     with pytest.raises(ValueError, match="auto"):
         AttributionSettings(lam="sometimes")
     assert set(METHODS) == {"grad_dot", "grad_cosine", "trak", "exp1", "exp2", "exp3", "exp4",
-                            "exp5", "trackstar"}
+                            "exp5", "trackstar", "first_order"}
     assert METHODS["trak"].output_fn == "margin" and not METHODS["trak"].unit_norm
