@@ -320,15 +320,18 @@ class FeatureStore:
         return from_storage(self.array[start:stop], self.dtype)
 
     def chunks(self, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Stream the finished rows as float32 (start, tensor) chunks, each the caller's own
-        copy: the mapped pages are released as they go, so memory stays flat in N."""
+        """Stream the finished rows as float32 (start, tensor) chunks; the mapped pages are
+        released as they go, so memory stays flat in N.
+
+        A float32 chunk is a view of the (copy-on-write) mapping, valid while the caller
+        works on it: its pages are released when the next chunk is asked for (reading it
+        later maps them again; writing into it never reaches the file). Copying a chunk
+        is the caller's choice, which keeps scoring at the matmul's pace.
+        """
         for start in range(0, self.rows_done, chunk_rows):
             stop = min(start + chunk_rows, self.rows_done)
-            rows = self.rows(start, stop)
-            if self.dtype == "float32":  # a view of the mapping: copy before releasing its pages
-                rows = rows.clone()
+            yield start, self.rows(start, stop)
             _release(self.array, start, stop)
-            yield start, rows
 
 
 # --- sharded stores --------------------------------------------------------------------------
