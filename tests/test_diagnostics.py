@@ -35,7 +35,8 @@ def test_energy_shares_equal_brute_force_and_find_a_shared_direction():
     r_eval = queries.double().T @ queries.double() / m
     for k in (1, 3):
         assert out[f"random/top{k}"] == k / d
-        for name, x in (("query", queries), ("train", train), ("query_whitened", queries @ w)):
+        for name, x in (("query", queries), ("train", train), ("query_whitened", queries @ w),
+                        ("train_whitened", train @ w)):
             assert out[f"{name}/r_eval_top{k}"] == pytest.approx(brute_share(x, r_eval, k), rel=1e-6)
             assert out[f"{name}/r_train_top{k}"] == pytest.approx(brute_share(x, r_train, k), rel=1e-4)
     assert out["query/r_eval_top1"] > 0.9 > 0.5 > out["query/r_train_top1"]  # what R_eval would take out
@@ -43,13 +44,22 @@ def test_energy_shares_equal_brute_force_and_find_a_shared_direction():
 
 
 def test_trackstar_result_carries_the_diagnostic_of_its_own_stores(tmp_path):
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        _check_engine_diagnostic(tmp_path)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_engine_diagnostic(tmp_path):
     tokenizer = make_tokenizer()
     model = make_gpt2(width=8, layers=1)
     opt = train_adafactor(model, tokenizer, lr=0.01)
     settings = METHODS["trackstar"].replace(projection="identity", k=3, lam=0.9)
     engine = TrackStar(model, tokenizer, settings, optimizer=opt, work_dir=tmp_path)
-    result = engine.attribute(TRAIN, QUERIES)
+    assert engine.attribute(TRAIN, QUERIES).curvature_diagnostic is None  # only when asked
+    result = engine.attribute(TRAIN, QUERIES, diagnose=True)
     diag = result.curvature_diagnostic
     from trackstar.attribution.store import FeatureStore
 
@@ -59,4 +69,5 @@ def test_trackstar_result_carries_the_diagnostic_of_its_own_stores(tmp_path):
     assert diag["train/r_eval_top1"] == pytest.approx(brute_share(g, q.T @ q / len(QUERIES), 1), rel=1e-6)
     assert "query_whitened/r_eval_top1" in diag
     grad_dot = METHODS["grad_dot"].replace(projection="identity", k=3)
-    assert TrackStar(model, tokenizer, grad_dot, work_dir=tmp_path).attribute(TRAIN, QUERIES).curvature_diagnostic is None
+    assert TrackStar(model, tokenizer, grad_dot, work_dir=tmp_path).attribute(
+        TRAIN, QUERIES, diagnose=True).curvature_diagnostic is None

@@ -155,7 +155,7 @@ def test_paired_difference_of_a_row_over_seeds_uses_its_seed_mean_per_query(tmp_
     seeds = []
     for seed in (0, 1):
         rec = record("table1", "bm25", 0.6)
-        rec["model"]["seed"], rec["config_id"] = seed, f"bm25-seed{seed}"
+        rec["model"]["seed"], rec["config_id"], rec["seedless_id"] = seed, f"bm25-seed{seed}", "bm25"
         seeds.append(_per_query(rng, base, 0.1 * (seed + 1), 0.02))
         seeds[-1].to_csv(write(tmp_path / "results", rec) / "per_query.csv", index=False)
     paired = paired_table(table1(load_local_runs(tmp_path / "results").frame))
@@ -163,3 +163,19 @@ def test_paired_difference_of_a_row_over_seeds_uses_its_seed_mean_per_query(tmp_
     keep = ref["has_trex_sentence"]
     want = ((seeds[0]["mrr"] + seeds[1]["mrr"]) / 2 - ref["mrr"])[keep].mean()
     assert bm25["paired/TrackStar/mrr"] == pytest.approx(want, abs=1e-12)
+
+
+def test_rows_of_other_worlds_do_not_pair(tmp_path):
+    """Query ids are positions in a world: a row whose seeds include another world seed, or a
+    reference of another world, has no paired difference."""
+    rng = np.random.default_rng(5)
+    base = rng.uniform(0.2, 0.8, N)
+    _per_query(rng, base, 0.0, 0.02).to_csv(write(tmp_path / "results", record("table1", "trackstar", 0.5))
+                                             / "per_query.csv", index=False)
+    for seed in (0, 1):
+        rec = record("table1", "bm25", 0.6)
+        rec["world"]["seed"], rec["config_id"], rec["seedless_id"] = seed, f"bm25-world{seed}", "bm25"
+        _per_query(rng, base, 0.1, 0.02).to_csv(write(tmp_path / "results", rec) / "per_query.csv", index=False)
+    paired = paired_table(table1(load_local_runs(tmp_path / "results").frame))
+    bm25 = paired.rows[paired.rows["label:Method"] == "BM25"].iloc[0]
+    assert np.isnan(bm25["paired/TrackStar/mrr"]) and bm25["paired/TrackStar/mrr/n"] == 0

@@ -365,14 +365,21 @@ def test_runs_differing_only_in_seeds_are_one_row_over_seeds(tmp_path):
     mrrs = {0: 0.50, 1: 0.56, 2: 0.47}
     for seed, mrr in mrrs.items():
         rec = record("table1", "trackstar", mrr)
-        rec["model"]["seed"] = seed
+        rec["model"]["seed"], rec["seedless_id"] = seed, "ts-setting"
         write(root, rec)
     old = record("table1", "trackstar", 0.1, finished="2024-01-01T00:00:00+00:00")  # seed 0, older
     old["config_id"] += "-old"
+    old["seedless_id"] = "ts-setting"
     write(root, old)
+    other = record("table1", "trackstar", 0.9, finished="2024-06-01T00:00:00+00:00")  # seed 1, another setting
+    other["config_id"] += "-micro"
+    other["model"]["seed"], other["model"]["size"], other["seedless_id"] = 1, "micro", "micro-setting"
+    write(root, other)
     with pytest.warns(UserWarning, match="share a row with a later run"):
         table = TABLES["table1"](load_local_runs(root).frame)
-    assert len(table.rows) == 2 and len(table.superseded) == 1
+    # The older seed-0 run and the run of another setting (older than the seeds) are superseded,
+    # never averaged in.
+    assert len(table.rows) == 2 and len(table.superseded) == 2
     row = table.rows[table.rows["label:Method"] == "TrackStar"].iloc[0]
     values = list(mrrs.values())
     half = st.t.ppf(0.975, 2) * pd.Series(values).std() / 3 ** 0.5

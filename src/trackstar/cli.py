@@ -152,7 +152,7 @@ def _tables(results: str, paper_tables: str, timings: dict, t0: float, what: str
 
 def cmd_quick(args) -> None:
     """World, model, then every table's sweep (quick setting), then the tables themselves."""
-    from .sweeps import OPTIONAL_SWEEPS, sweep_names
+    from .sweeps import OWN_SETTING, swept_keys, sweep_names
 
     args.out = None
     t0 = time.perf_counter()
@@ -164,19 +164,17 @@ def cmd_quick(args) -> None:
     unknown = sorted(set(sweeps) - set(known))
     if unknown:
         raise ValueError(f"--tables: unknown {unknown}; choose from {', '.join(known)} or 'all'.")
+    setting = [f"model={args.size}", f"world.profile={args.profile}", f"world.seed={args.seed}",
+               f"model.family={args.family}", f"model.optimizer={args.optimizer}", f"model.seed={args.model_seed}",
+               *([f"model.epochs={args.epochs}"] if args.epochs is not None else [])]
     timings = {}
     for name in sweeps:
-        timings[name] = _run_sweep(name, [
-            f"artifacts_dir={root}", f"results_dir={args.results}",
-            *([] if name in OPTIONAL_SWEEPS else [
-                f"world.profile={args.profile}", f"world.seed={args.seed}",
-                f"model.family={args.family}", f"model.optimizer={args.optimizer}", f"model.seed={args.model_seed}",
-                *([f"model.epochs={args.epochs}"] if args.epochs is not None else []),
-                *([f"model={args.size}"] if name != "figure2_scale" else []),
-            ]),
-            f"device={args.device}",
-            *args.override,
-        ])
+        # Quick's world and model, but never over what the sweep itself sweeps (figure2_scale's
+        # model, table1_seeds' model.seed); the sweeps with a setting of their own keep it.
+        swept = swept_keys(name)
+        own = [o for o in setting if o.split("=", 1)[0] not in swept] if name not in OWN_SETTING else []
+        timings[name] = _run_sweep(name, [f"artifacts_dir={root}", f"results_dir={args.results}", *own,
+                                          f"device={args.device}", *args.override])
     if sweeps:
         _tables(args.results, args.paper_tables, timings, t0, "quick reproduction")
 

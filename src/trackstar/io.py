@@ -130,7 +130,7 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ArtifactError(f"{str(path)!r} does not exist.") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(
             f"{str(path)!r} is not valid JSON ({exc}); it may be from a killed run. "
             "Delete it and re-run the stage that writes it."

@@ -226,6 +226,8 @@ class TrackStar:
         features, and its part of R_train (sum of outer products and count), so that
         :meth:`attribute` with the same texts only has to merge them and score."""
         check_shard(index, count)
+        if self._step_side:  # refused before any extraction, as unsharded
+            self._optimizer_step()
         train_ids = list(range(len(train_texts))) if train_ids is None else list(train_ids)
         examples = self.training_examples(train_texts, train_ids)
         shard = self.featurize(examples, "train", train_ids, self.second_moment(examples), shard=(index, count))
@@ -272,7 +274,7 @@ class TrackStar:
         rows = max(self.settings.chunk_rows, (64 << 20) // (4 * train.d))
         if self._step_side:
             check_compatible(train, query, ignore=V_KEYS)
-            step = optimizer_step(self.model, self.optimizer, self.sites, self.learning_rate)
+            step = self._optimizer_step()
             slices = train.layer_slices()
             return query.rows().to(self.device).float(), train.chunks(rows), lambda x: step.apply(x, slices), None
         check_compatible(train, query)
@@ -291,7 +293,7 @@ class TrackStar:
         query_examples = self.query_examples(queries)  # a bad query fails before any extraction
         query_ids = [_query_parts(q, i)[2] for i, q in enumerate(queries)]
         if self._step_side:  # no optimizer state: refused before any extraction
-            optimizer_step(self.model, self.optimizer, self.sites, self.learning_rate)
+            self._optimizer_step()
         v = self.second_moment(train_examples)
         train = self.featurize(train_examples, "train", train_ids, v, expect_shards=shards)
         # The optimizer-step score divides by sqrt(V) once, on the training side.
@@ -302,11 +304,19 @@ class TrackStar:
     def _step_side(self) -> bool:
         return self.settings.train_side == "optimizer_step"
 
+    def _optimizer_step(self):
+        """The optimizer step's per-matrix geometry (train_side='optimizer_step'), built once."""
+        if getattr(self, "_step", None) is None:
+            self._step = optimizer_step(self.model, self.optimizer, self.sites, self.learning_rate)
+        return self._step
+
     # --- sharded scoring: each job ranks its shard's rows, the reduce merges -------------------
     def _topk_dir(self, train, query) -> Path:
         s = self.settings
-        key = config_hash({"train": train.path.name, "query": query.path.name, "k": s.k,
-                           "transform": [s.curvature, s.lam, s.damping, s.block_diagonal, s.unit_norm]})
+        transform = [s.curvature, s.lam, s.damping, s.block_diagonal, s.unit_norm]
+        if self._step_side:  # the step's geometry scores the rows: it keys their ranking too
+            transform.append([s.train_side, [(x.name, x.scale, x.clip) for x in self._optimizer_step().layers]])
+        key = config_hash({"train": train.path.name, "query": query.path.name, "k": s.k, "transform": transform})
         return self.work_dir / "topk" / key
 
     @staticmethod
@@ -373,8 +383,11 @@ class TrackStar:
         yield from score_chunks(q, chunks, transform, normalize_train=self.settings.unit_norm)
 
     def attribute(self, train_texts: Sequence[str], queries: Sequence,
-                  train_ids: Sequence | None = None, shards: int = 1) -> AttributionResult:
+                  train_ids: Sequence | None = None, shards: int = 1, diagnose: bool = False) -> AttributionResult:
         """Top-k proponents and opponents of each query among ``train_texts``.
+
+        ``diagnose``: with R (full, not block-diagonal), also the R diagnostic
+        (:mod:`.diagnostics`; seconds at d = 4096) in ``curvature_diagnostic``.
 
         ``shards > 1``: the training features must have been written by
         :meth:`extract_shard` jobs (all ``shards`` of them); this merges and scores.
@@ -386,8 +399,8 @@ class TrackStar:
         else:
             top, whitening = self.score(train, query)
         ids = train.row_ids
-        diagnostic = self.curvature_diagnostic(train, query, whitening) \
-            if self.settings.curvature != "none" and not self.settings.block_diagonal else None
+        diagnostic = self.curvature_diagnostic(train, query, whitening) if diagnose and self.settings.curvature != "none" \
+            and not self.settings.block_diagonal else None
         return AttributionResult(
             query_ids=query_ids,
             proponent_ids=[[ids[j] for j in row] for row in top.proponent_rows.tolist()],
@@ -407,7 +420,9 @@ class TrackStar:
         cache (the whitening just used it), R_eval's eigenvectors from the query rows."""
         cache = CurvatureCache(self.work_dir / "curvature")
         _, r_train = cache.second_moment(train, [slice(0, train.d)], self.settings.chunk_rows, self.device)
-        sample = train.rows(0, min(train.n_rows, TRAIN_SAMPLE))
+        n = min(train.n_rows, TRAIN_SAMPLE)
+        rows = torch.randperm(train.n_rows, generator=torch.Generator().manual_seed(0))[:n].sort().values
+        sample = torch.cat([train.rows(int(i), int(i) + 1) for i in rows]) if n < train.n_rows else train.rows()
         return curvature_diagnostic(query.rows(), sample, r_train()[0],
                                     whitening.apply if whitening is not None else None)
 

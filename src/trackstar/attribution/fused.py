@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 #: transformers' op-by-op tanh-GELUs (by class name, so this module does not import transformers).
 TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
@@ -49,7 +50,8 @@ def fused_activations(model: nn.Module) -> Iterator[int]:
         yield len(swapped)
     finally:
         for m in swapped:
-            del m.forward
+            if vars(m).get("forward") is _gelu_tanh:
+                del m.forward
 
 
 class _WeightedTokenLoss(torch.autograd.Function):
@@ -63,15 +65,15 @@ class _WeightedTokenLoss(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         log_probs, labels, weights = ctx.saved_tensors
         coef = torch.where(weights > 0, grad * weights, torch.zeros_like(weights))
-        # coef · (softmax − onehot), in place over the saved log-probabilities (used once).
+        # coef · (softmax − onehot), in place over the saved log-probabilities (used once:
+        # the graph is not retained for a second backward).
         out = log_probs.exp_()
         out.mul_(coef[:, None])
-        idle = (coef == 0).nonzero()[:, 0]
-        if idle.numel():  # pads: exactly 0, even where their logits were not finite
-            out.index_fill_(0, idle, 0.0)
+        out.masked_fill_((coef == 0)[:, None], 0.0)  # pads: exactly 0, even where their logits were not finite
         out.scatter_add_(-1, labels[:, None], -coef[:, None])
         return out, None, None
 

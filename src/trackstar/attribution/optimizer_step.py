@@ -83,22 +83,24 @@ def optimizer_step(model: torch.nn.Module, optimizer, sites: Sequence[Site], lea
         if not state:
             raise SecondMomentError(f"The optimizer has no state for parameter {site.name}; it cannot predict its step.")
         kind = _kind(state, group)
-        lr = float(group["lr"] if learning_rate is None else learning_rate)
+        lr = group.get("lr") if learning_rate is None else learning_rate
         param = params[site.name]
+        if lr is None and not (kind == "hf_adafactor" and group.get("relative_step")):
+            raise SecondMomentError(f"No learning rate for {site.name}: give learning_rate (the rate tail-patch steps with).")
         if kind == "torch_adafactor":
             step = float(state["step"]) + 1.0
             eps2 = group["eps"][1]
-            scale = min(lr, 1.0 / math.sqrt(step)) * max(eps2, _rms(param))
+            scale = min(float(lr), 1.0 / math.sqrt(step)) * max(eps2, _rms(param))
             layers.append(LayerStep(site.name, scale, param.numel(), float(group["d"])))
         elif kind == "hf_adafactor":
             if group.get("relative_step"):
                 step = float(state.get("step", 0)) + 1.0
                 base = 1e-6 * step if group.get("warmup_init") else 1e-2
                 lr = min(base, 1.0 / math.sqrt(step))
-            scale = lr * (max(group["eps"][1], _rms(param)) if group.get("scale_parameter", True) else 1.0)
+            scale = float(lr) * (max(group["eps"][1], _rms(param)) if group.get("scale_parameter", True) else 1.0)
             layers.append(LayerStep(site.name, scale, param.numel(), float(group.get("clip_threshold", 1.0))))
         elif kind == "adam":
-            layers.append(LayerStep(site.name, lr, param.numel(), None))
+            layers.append(LayerStep(site.name, float(lr), param.numel(), None))
         else:
             raise SecondMomentError(f"Unrecognized optimizer state for parameter {site.name} (keys {sorted(state)}).")
         kinds.add(kind)

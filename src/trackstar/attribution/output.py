@@ -129,9 +129,8 @@ def collate(examples: Sequence[Example], padding_side: str = "right", pad_id: in
 
 
 def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    from .fused import weighted_token_loss
-
     """Sum over examples of each example's weighted output: Σ_i f(z_i)."""
+    from .fused import weighted_token_loss
     # Position t of the logits predicts ids[t + 1]. Shifting the labels and
     # weights (the last position gets weight 0) rather than slicing the logits
     # avoids copying the (n, T, vocab) tensor forward and zero-filling it in

@@ -330,8 +330,10 @@ class FeatureStore:
         """
         for start in range(0, self.rows_done, chunk_rows):
             stop = min(start + chunk_rows, self.rows_done)
-            yield start, self.rows(start, stop)
-            _release(self.array, start, stop)
+            try:
+                yield start, self.rows(start, stop)
+            finally:  # also when the caller stops early
+                _release(self.array, start, stop)
 
 
 # --- sharded stores --------------------------------------------------------------------------

@@ -42,7 +42,7 @@ log = logging.getLogger("trackstar")
 SHARD_STEPS = ("extract", "score")
 
 #: Keys that do not change a run's results (left out of its identity).
-RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table", "stage_threads", "device", "shard")
+RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table", "stage_threads", "device", "shard", "diagnostics")
 
 
 class ConfigError(ValueError):
@@ -90,10 +90,19 @@ OmegaConf.register_new_resolver("ts_run_id", _run_id, replace=True)
 register_schema()
 
 
-def config_id(cfg: DictConfig) -> str:
+def config_id(cfg: DictConfig, seeds: bool = True) -> str:
+    """The hash of everything that determines a run's results; ``seeds=False``: but its
+    world, model and projection seeds (runs equal in it are seeds of one table row)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if not seeds:
+        for group in SEED_GROUPS:
+            resolved[group]["seed"] = None
     stable = {k: _stable(v, k) for k, v in resolved.items() if k not in RUNTIME_KEYS}
     return config_hash({k: v for k, v in stable.items() if v is not None})
+
+
+#: The groups whose ``seed`` is a seed of the run (world, model init and data order, projection).
+SEED_GROUPS = ("world", "model", "method")
 
 
 def counterfactual_settings(cfg: DictConfig):
@@ -165,6 +174,10 @@ def validate(cfg: DictConfig):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"eval.n_queries={n!r}: give a positive number of queries, or null for all of them.")
         _check_optimizer_state(cfg.model)
+        if retriever.settings.get("train_side") == "optimizer_step" and cfg.model.hf_name_or_path \
+                and not cfg.model.optimizer_state:
+            raise ValueError(f"method={cfg.method.name} predicts the optimizer's own step: a Hugging Face model needs "
+                             "model.optimizer_state (its published optimizer state) for it.")
         if retriever.family == "gradient" or cfg.model.hf_name_or_path:  # a Hugging Face model must load for any method
             retriever.check_model(_skeleton(cfg.model))
         if cfg.eval.k < max(cfg.eval.tail_patch_ks, default=1):
@@ -403,7 +416,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
                         cfg.eval.k, cfg.eval.n_queries)
     features = features_dir(artifacts, _stage_dir_name(ckpt_id), cfg.eval.corpus)
     task = RetrievalTask(world, cfg.eval.corpus, queries, cfg.eval.k, checkpoint if gradient else None,
-                         features if gradient else None, device, cfg.shard.count)
+                         features if gradient else None, device, cfg.shard.count, diagnose=cfg.diagnostics)
 
     def compute():
         if not gradient:
@@ -416,6 +429,10 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
 
     t = time.perf_counter()
     retrievals, record.info = retrieval_stage(artifacts, key, compute)
+    if (cfg.diagnostics and gradient and retriever.settings.get("curvature") != "none"
+            and not retriever.settings.get("block_diagonal") and "curvature_diagnostic" not in record.info):
+        # Cached by a run that did not ask for it: score again (the features and R are cached).
+        record.info = {**record.info, **{k: v for k, v in compute()[1].items() if k == "curvature_diagnostic"}}
     timings["retrieval"] = time.perf_counter() - t
 
     if cfg.eval.judge == "nli":
@@ -537,7 +554,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool 
     if not (run_dir / rec.METRICS_FILE).is_file():
         rec.write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
     record = RunRecord(
-        config_id=cid, table=cfg.table, corpus=cfg.eval.corpus,
+        config_id=cid, seedless_id=config_id(cfg, seeds=False), table=cfg.table, corpus=cfg.eval.corpus,
         method=MethodInfo(retriever.name, retriever.label, retriever.family, retriever.rank, retriever.settings),
         world=resolved["world"], model=resolved["model"], eval=resolved["eval"],
         git_commit=rec.git_commit(Path(__file__).parent), started=rec.now(), run_dir=str(run_dir),

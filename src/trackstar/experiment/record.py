@@ -92,6 +92,9 @@ class RunRecord:
     error: str | None = None
     traceback: str | None = None
     wandb: dict | None = None
+    #: The config id without the world, model and projection seeds: runs that share it
+    #: differ only in seeds, and the tables make them one row over seeds.
+    seedless_id: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     # --- serialization --------------------------------------------------------------
@@ -142,6 +145,7 @@ class RunRecord:
             "method": self.method.name,
             "method_label": self.method.label,
             "method_rank": self.method.rank,
+            "seedless_id": self.seedless_id,
             "family": self.method.family,
             "corpus": self.corpus,
             "git_commit": self.git_commit or UNKNOWN_COMMIT,

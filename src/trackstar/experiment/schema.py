@@ -193,6 +193,10 @@ class TrackStarConfig:
     #: else the CPU), cpu, cuda, cuda:N or mps. Results agree across devices to
     #: float tolerance; the device is recorded, not part of a run's identity.
     device: str = "auto"
+    #: Gradient rows with R also record the R diagnostic (query and training energy in
+    #: R_eval's and R_train's top eigendirections; seconds per run): on for Tables 1
+    #: and 2, whose findings report it. Not part of a run's identity.
+    diagnostics: bool = False
 
 
 def register() -> None:

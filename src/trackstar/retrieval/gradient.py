@@ -55,9 +55,10 @@ class GradientRetriever(Retriever):
 
     @property
     def label(self) -> str:
-        label = LABELS.get(self.name, self.name)
-        # The reference row predicts a step of the attributed matrices, or with params=all the full step.
-        return f"{label[:-1]}, all parameters)" if self.name == "first_order" and self.attribution.params == "all" else label
+        if self.name == "first_order" and self.attribution.params == "all":
+            # The reference row predicts a step of the attributed matrices, or with params=all the full step.
+            return "First-order tail-patch (reference, all parameters)"
+        return LABELS.get(self.name, self.name)
 
     @property
     def settings(self) -> dict:
@@ -112,7 +113,7 @@ class GradientRetriever(Retriever):
         result = self._engine(task).attribute(
             corpus.texts,
             _queries(task),
-            train_ids=corpus.ids, shards=task.shards,
+            train_ids=corpus.ids, shards=task.shards, diagnose=task.diagnose,
         )
         info = {"lambda": result.lam, "lambda_default": DEFAULT_LAMBDA[task.corpus],
                 "v_source": result.v_source, "settings": self.settings,

@@ -53,6 +53,8 @@ class RetrievalTask:
     #: Shards the training features are written in (by jobs of their own; see
     #: :meth:`~trackstar.retrieval.gradient.GradientRetriever.extract_shard`).
     shards: int = 1
+    #: Gradient rows with R: also record the R diagnostic in the info.
+    diagnose: bool = False
 
 
 class Retriever(ABC):

@@ -14,6 +14,17 @@ OPTIONAL_SWEEPS = {
 }
 
 
+#: Optional sweeps with a world and model of their own: quick does not override them.
+OWN_SETTING = ("table_c1", "scale_study")
+
+
+def swept_keys(name: str) -> set[str]:
+    """The config keys sweep ``name`` sweeps (its ``hydra.sweeper.params``)."""
+    from omegaconf import OmegaConf
+
+    return set(OmegaConf.load(SWEEPS_DIR / f"{name}.yaml").hydra.sweeper.params)
+
+
 def sweep_names(optional: bool = True) -> list[str]:
     """Every sweep file's name (without the optional ones if not ``optional``), in the
     order the quick reproduction runs them: the tables (table1 first: it builds the

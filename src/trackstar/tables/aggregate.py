@@ -145,8 +145,15 @@ def build_table(
     if runs.empty:
         return None
     runs = runs.assign(_key=[key(r) for _, r in runs.iterrows()],
-                       _seeds=[tuple(str(r.get(f)) for f in SEED_FIELDS) for _, r in runs.iterrows()])
-    latest = runs.sort_values("finished", na_position="first", kind="stable").groupby(["_key", "_seeds"], sort=False).tail(1)
+                       _seeds=[tuple(str(r.get(f)) for f in SEED_FIELDS) for _, r in runs.iterrows()],
+                       # Seeds of one setting share their seedless id (records without one stand alone).
+                       _setting=[r.get("seedless_id") if isinstance(r.get("seedless_id"), str) else r["run"]
+                                 for _, r in runs.iterrows()])
+    ordered = runs.sort_values("finished", na_position="first", kind="stable")
+    latest = ordered.groupby(["_key", "_setting", "_seeds"], sort=False).tail(1)
+    # One setting per row: the one whose run finished last; other settings' runs are superseded.
+    chosen = latest.groupby("_key", sort=False).tail(1)[["_key", "_setting"]]
+    latest = latest.merge(chosen, on=["_key", "_setting"])
     superseded = sorted(set(runs["run"]) - set(latest["run"]))
     if superseded:
         message = (
@@ -164,7 +171,8 @@ def build_table(
         rows[label_column(header)] = [make(r) for _, r in rows.iterrows()]
     if any(len(g) > 1 for g in groups):
         note = " ".join(filter(None, [note, SEEDS_NOTE]))
-    return PaperTable(name, title, list(labels), list(columns), rows.drop(columns=["_key", "_seeds"]), note, superseded)
+    return PaperTable(name, title, list(labels), list(columns), rows.drop(columns=["_key", "_seeds", "_setting"]), note,
+                      superseded)
 
 
 #: What makes two runs of one table row seeds of each other: the world, model
@@ -182,6 +190,7 @@ def over_seeds(group: pd.DataFrame, columns) -> pd.Series:
 
     row = group.sort_values("finished", na_position="first", kind="stable").iloc[-1].copy()
     row["seed_runs"] = tuple(group["run"])
+    row["seed_worlds"] = tuple(sorted({str(w) for w in group["world_seed"]}))
     for c in columns:
         if c.key not in group:
             continue
@@ -192,8 +201,9 @@ def over_seeds(group: pd.DataFrame, columns) -> pd.Series:
         row[c.key] = mean
         for part in ("ci_low", "ci_high"):
             if f"{c.key}/{part}" in group:
-                row[f"{c.key}/{part}"] = float(group[f"{c.key}/{part}"].astype(float).mean())
-        half = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+                row[f"{c.key}/{part}"] = float(group.loc[values.index, f"{c.key}/{part}"].astype(float).mean())
+        level = float(row.get("confidence") or 0.95)
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
         row[f"{c.key}/seed_low"], row[f"{c.key}/seed_high"], row[f"{c.key}/seeds"] = mean - half, mean + half, n
     return row
 

@@ -136,14 +136,17 @@ def r_diagnostic(runs: pd.DataFrame, k: int = 10) -> Finding:
     if key not in chosen or chosen[key].isna().all():
         return Finding(claim, UNCHECKED, ["needs Table 1 runs with R recorded by this version (their run records' "
                                           "info.curvature_diagnostic)"])
-    chosen = chosen[chosen[key].notna()].sort_values("method_rank")
+    # The latest run per row (re-runs, seeds and regimes would repeat it).
+    chosen = chosen[chosen[key].notna()].sort_values("finished", na_position="first", kind="stable")
+    chosen = chosen.assign(_regime=chosen.apply(regime_label, axis=1)).groupby(
+        ["method", "method_label", "corpus", "_regime"], sort=False).tail(1).sort_values(["_regime", "method_rank"])
     evidence = []
     for _, r in chosen.iterrows():
         def share(name, rr):
             value = r.get(f"{DIAGNOSTIC_PREFIX}{name}/{rr}_top{k}")
             return "—" if value is None or pd.isna(value) else f"{value:.3f}"
         evidence.append(
-            f"{r['method_label']} (R={r.get('curvature')}, V={'yes' if r.get('use_v') else 'no'}, "
+            f"{r['method_label']}, {r['_regime']} (R={r.get('curvature')}, V={'yes' if r.get('use_v') else 'no'}, "
             f"f={r.get('output_fn')}): queries {share('query', 'r_eval')} in R_eval's, {share('query', 'r_train')} in "
             f"R_train's; training rows {share('train', 'r_eval')} / {share('train', 'r_train')}; after R^-1/2, queries "
             f"{share('query_whitened', 'r_eval')} / {share('query_whitened', 'r_train')} (random directions: "
@@ -165,8 +168,9 @@ def scale_claim(runs: pd.DataFrame) -> Finding:
     from .figures import SIZE_ORDER
     from .paired import paired_difference, per_query
 
-    needed = {"table", "method", "model_size", "checkpoint"}
-    scale = runs[(runs["table"] == "figure2_scale") & (runs["method"] == "trackstar")] if needed <= set(runs) else runs
+    needed = {"table", "method", "model_size", "checkpoint", "run"}
+    scale = runs[(runs["table"] == "figure2_scale") & (runs["method"] == "trackstar")] if needed <= set(runs) \
+        else runs.iloc[0:0]
     if scale.empty:
         return Finding(SCALE_CLAIM, UNCHECKED, ["needs the figure2_scale runs (the quick reproduction's figure2_scale "
                                                 "sweep, or `trackstar scale-study` for every size and both regimes)"])

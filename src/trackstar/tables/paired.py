@@ -51,15 +51,24 @@ def per_query(run: str) -> pd.DataFrame | None:
     return frame.set_index("example_id")
 
 
+def worlds(row: pd.Series) -> frozenset:
+    """The world seeds behind a table row: queries pair only within one world (their ids
+    are positions in it)."""
+    seeds = row.get("seed_worlds")
+    return frozenset(seeds) if isinstance(seeds, tuple) else frozenset({str(row.get("world_seed"))})
+
+
 def row_frame(row: pd.Series) -> pd.DataFrame | None:
     """The per-query metrics of a table row: its run's, or for a row over seeds the mean over
-    its seeds' runs of each query they all have (none when the world seed differs)."""
+    its seeds' runs of each query (none when its seeds include several worlds)."""
     runs = row["seed_runs"] if isinstance(row.get("seed_runs"), tuple) else (row["run"],)
     frames = [per_query(run) for run in runs]
     if any(f is None for f in frames):
         return None
     if len(frames) == 1:
         return frames[0]
+    if len(worlds(row)) > 1:
+        return frames[0].iloc[0:0]
     shared = frames[0].index
     for f in frames[1:]:
         shared = shared.intersection(f.index)
@@ -103,7 +112,7 @@ def paired_table(table: PaperTable) -> PaperTable | None:
             for _, r in rows.iterrows():
                 same = r["run"] == ref["run"]
                 a, b = frames[r["run"]], frames[ref["run"]]
-                if same or c.key not in a or c.key not in b:
+                if same or c.key not in a or c.key not in b or worlds(r) != worlds(ref) or len(worlds(r)) > 1:
                     stats_.append({"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0})
                 else:
                     stats_.append(paired_difference(a[c.key], b[c.key], float(r.get("confidence") or 0.95),
