@@ -139,11 +139,13 @@ def test_scale_claim_pairs_sizes_and_checkpoints_over_the_same_queries(direction
         rec["config_id"] += f"-{size}-{frac}"
         _per_query(rng, base, direction * shift, 0.02).to_csv(write(tmp_path / "results", rec) / "per_query.csv", index=False)
     frame = load_local_runs(tmp_path / "results").frame
-    (c,) = [f for f in findings({}, frame) if f.claim.startswith("(c)")]
-    assert c.verdict == verdict
-    assert [e.split(":")[0] + ":" + e.split(":")[1] for e in c.evidence] == [
-        "tiny world, preset epochs: tiny − micro model (final)", "tiny world, preset epochs, tiny model: checkpoint 1 − 0.25"]
-    mean = float(c.evidence[0].split("MRR ")[1].split(" ")[0])
+    size, training = [f for f in findings({}, frame) if f.claim.startswith("(c)")]
+    assert size.claim.endswith("with model size, tiny world, preset epochs")
+    assert training.claim.endswith("with training, tiny world, preset epochs")
+    assert size.verdict == training.verdict == verdict
+    assert size.evidence[0].startswith("tiny − micro model (final checkpoints): MRR")
+    assert training.evidence[0].startswith("tiny model: checkpoint 1 − 0.25: MRR")
+    mean = float(size.evidence[0].split("MRR ")[1].split(" ")[0])
     assert mean == pytest.approx(direction * 0.1, abs=0.02)
 
 

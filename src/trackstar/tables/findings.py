@@ -108,7 +108,7 @@ def findings(paired: dict[str, PaperTable], runs: pd.DataFrame | None = None) ->
             f"(b) BM25 beats every gradient method on {metric} (closed set)",
             [Comparison("table1", r, "BM25", metric, -1) for r in [*gradient, "TrackStar"]], paired,
             "needs the table1 sweep with per-query records"))
-    out.append(scale_claim(runs if runs is not None else pd.DataFrame()))
+    out += scale_claim(runs if runs is not None else pd.DataFrame())
     for metric in ("mrr", "tail_patch@10"):
         out.append(judge(
             f"(d) R_mix helps over R_train and over no R ({metric}; TrackStar against Exp 4 (R_train) and Exp 3 (no R), "
@@ -159,12 +159,14 @@ def r_diagnostic(runs: pd.DataFrame, k: int = 10) -> Finding:
 
 SCALE_CLAIM = ("(c) the gap between attribution (MRR) and influence (tail-patch) narrows with model size and training: "
                "TrackStar's proponents, the influential passages, state the fact more often (its MRR rises) in bigger and "
-               "longer-trained models (Figure 2's runs, paired over the same queries; the verdict is on MRR)")
+               "longer-trained models (Figure 2's runs, paired over the same queries; the verdict is on MRR, as "
+               "tail-patch at an earlier checkpoint steps with that checkpoint's larger learning rate)")
 
 
-def scale_claim(runs: pd.DataFrame) -> Finding:
-    """Claim (c) on the ``figure2_scale`` TrackStar runs: per training regime, the largest model
-    against the smallest (final checkpoints), and each size's final checkpoint against its first."""
+def scale_claim(runs: pd.DataFrame) -> list[Finding]:
+    """Claim (c) on the ``figure2_scale`` TrackStar runs, one finding per training regime and
+    axis: the largest model against the smallest (final checkpoints), and each size's final
+    checkpoint against its first (paired per-query MRR; tail-patch differences as evidence)."""
     from .figures import SIZE_ORDER
     from .paired import paired_difference, per_query
 
@@ -172,45 +174,47 @@ def scale_claim(runs: pd.DataFrame) -> Finding:
     scale = runs[(runs["table"] == "figure2_scale") & (runs["method"] == "trackstar")] if needed <= set(runs) \
         else runs.iloc[0:0]
     if scale.empty:
-        return Finding(SCALE_CLAIM, UNCHECKED, ["needs the figure2_scale runs (the quick reproduction's figure2_scale "
-                                                "sweep, or `trackstar scale-study` for every size and both regimes)"])
+        return [Finding(SCALE_CLAIM, UNCHECKED, ["needs the figure2_scale runs (the quick reproduction's figure2_scale "
+                                                 "sweep, or `trackstar scale-study` for every size and both regimes)"])]
     scale = scale[scale["model_size"].isin(SIZE_ORDER)].assign(_regime=lambda f: f.apply(regime_label, axis=1))
     latest = scale.sort_values("finished", na_position="first", kind="stable").groupby(
         ["_regime", "model_size", "checkpoint"], sort=False).tail(1)
-    pairs = []  # (what, later/bigger run, earlier/smaller run)
+    pairs: dict[tuple[str, str], list] = {}  # (regime, axis) -> [(what, later/bigger run, earlier/smaller run)]
     for regime, group in latest.groupby("_regime", sort=True):
         finals = group[group["checkpoint"] == 1.0].sort_values("model_size", key=lambda c: c.map(SIZE_ORDER.index))
         if len(finals) >= 2:
             big, small = finals.iloc[-1], finals.iloc[0]
-            pairs.append((f"{regime}: {big['model_size']} − {small['model_size']} model (final)", big, small))
+            pairs.setdefault((regime, "model size"), []).append(
+                (f"{big['model_size']} − {small['model_size']} model (final checkpoints)", big, small))
         for size in sorted(group["model_size"].unique(), key=SIZE_ORDER.index):
             steps = group[group["model_size"] == size].sort_values("checkpoint")
             if len(steps) >= 2:
                 last, first = steps.iloc[-1], steps.iloc[0]
-                pairs.append((f"{regime}, {size} model: checkpoint {last['checkpoint']:g} − {first['checkpoint']:g}",
-                              last, first))
-    evidence, sides = [], []
-    for what, a, b in pairs:
-        fa, fb = per_query(a["run"]), per_query(b["run"])
-        if fa is None or fb is None:
+                pairs.setdefault((regime, "training"), []).append(
+                    (f"{size} model: checkpoint {last['checkpoint']:g} − {first['checkpoint']:g}", last, first))
+    out = []
+    for (regime, axis), comparisons in pairs.items():
+        evidence, sides = [], []
+        for what, a, b in comparisons:
+            fa, fb = per_query(a["run"]), per_query(b["run"])
+            if fa is None or fb is None or "mrr" not in fa or "mrr" not in fb:
+                continue
+            cells = {m: paired_difference(fa[m], fb[m], float(a.get("confidence") or 0.95),
+                                          int(a.get("bootstrap_resamples") or 1000))
+                     for m in ("mrr", "tail_patch@10") if m in fa and m in fb}
+            mrr = cells["mrr"]
+            sides.append(1 if mrr["ci_low"] > 0 else (-1 if mrr["ci_high"] < 0 else 0))
+            evidence.append(f"{what}: MRR {mrr['mean']:+.3f} [{mrr['ci_low']:+.3f}, {mrr['ci_high']:+.3f}]" + "".join(
+                f"; tail-patch@10 {c['mean']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] pp"
+                for m, c in cells.items() if m != "mrr") + " (claim: MRR > 0)")
+        claim = f"{SCALE_CLAIM}: with {axis}, {regime}"
+        if not sides:
+            out.append(Finding(claim, UNCHECKED, ["its runs have no per-query records"]))
             continue
-        cells = {}
-        for metric in ("mrr", "tail_patch@10"):
-            if metric in fa and metric in fb:
-                cells[metric] = paired_difference(fa[metric], fb[metric], float(a.get("confidence") or 0.95),
-                                                  int(a.get("bootstrap_resamples") or 1000))
-        if "mrr" not in cells:
-            continue
-        mrr = cells["mrr"]
-        sides.append(1 if mrr["ci_low"] > 0 else (-1 if mrr["ci_high"] < 0 else 0))
-        evidence.append(f"{what}: MRR {mrr['mean']:+.3f} [{mrr['ci_low']:+.3f}, {mrr['ci_high']:+.3f}]" + "".join(
-            f"; tail-patch@10 {c['mean']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] pp"
-            for m, c in cells.items() if m != "mrr") + " (claim: MRR > 0)")
-    if not sides:
-        return Finding(SCALE_CLAIM, UNCHECKED, ["needs at least two sizes or two checkpoints of one regime with "
-                                                "per-query records (figure2_scale runs)"])
-    verdict = HOLDS if all(x > 0 for x in sides) else (FAILS if any(x < 0 for x in sides) else INCONCLUSIVE)
-    return Finding(SCALE_CLAIM, verdict, evidence)
+        verdict = HOLDS if all(x > 0 for x in sides) else (FAILS if any(x < 0 for x in sides) else INCONCLUSIVE)
+        out.append(Finding(claim, verdict, evidence))
+    return out or [Finding(SCALE_CLAIM, UNCHECKED, ["needs two sizes or two checkpoints of one regime "
+                                                    "(figure2_scale runs)"])]
 
 
 def first_order_reference(paired: dict[str, PaperTable]) -> Finding:
