@@ -48,3 +48,19 @@ def test_fused_gelu_computes_the_same_function_and_is_restored():
     with pytest.raises(RuntimeError), fused_activations(model):
         raise RuntimeError("a failing extraction")
     assert all("forward" not in vars(m) for m in gelus)  # restored after an error too
+
+
+def test_fused_rms_norm_is_bit_for_bit_the_llama_norm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=16)).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    plain = model(input_ids=ids).logits
+    with fused_activations(model) as n:
+        assert n == 5  # two norms per layer and the final one
+        fused = model(input_ids=ids).logits
+    assert torch.equal(fused, plain)
+    assert all("forward" not in vars(m) for m in model.modules())

@@ -9,8 +9,10 @@ are written out op by op where one kernel computes the same function:
   ``FastGELUActivation``): 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in seven
   elementwise ops forward and more backward; ``F.gelu(x, approximate="tanh")``
   is that formula in one kernel each way (transformers' own ``GELUTanh``).
-  :func:`fused_activations` swaps it in for the duration of an extraction and
-  restores the model's modules after; training and tail-patch never see it.
+* Llama-style RMSNorm (pow, mean, rsqrt, two products): ``F.rms_norm`` gives
+  the same float32 numbers bit for bit, about 40% faster forward and backward.
+  :func:`fused_activations` swaps both in for the duration of an extraction and
+  restores the model's modules after; training and tail-patch never see them.
 * The loss output function, Σ w·(logsumexp(z) − z_y): cross-entropy's backward
   zero-fills a vocabulary-wide tensor, scatters into it and reads it with the
   log-probabilities again. :func:`weighted_token_loss` forms
@@ -25,6 +27,7 @@ tests in ``tests/test_attribution.py`` hold them to it).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -34,23 +37,48 @@ from torch.autograd.function import once_differentiable
 
 #: transformers' op-by-op tanh-GELUs (by class name, so this module does not import transformers).
 TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
+#: transformers' RMSNorms that compute x·rsqrt(mean(x²) + eps)·weight, in float32 for float32 input
+#: (not Gemma's, whose scale is 1 + weight).
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Olmo2RMSNorm")
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+    return type(module).forward(module, x)  # other dtypes: the module's own rounding
+
+
+def _fused_forward(module: nn.Module):
+    name = type(module).__name__
+    if "forward" in vars(module):
+        return None  # already swapped (or patched by someone else): left alone
+    if name in TANH_GELUS:
+        return _gelu_tanh
+    if name in RMS_NORMS and hasattr(module, "variance_epsilon"):
+        return functools.partial(_rms_norm, module)
+    return None
+
+
 @contextlib.contextmanager
 def fused_activations(model: nn.Module) -> Iterator[int]:
-    """Within the block, every tanh-GELU module of ``model`` runs the fused kernel; yields how many."""
-    swapped = [m for m in model.modules() if type(m).__name__ in TANH_GELUS and "forward" not in vars(m)]
+    """Within the block, every tanh-GELU and RMSNorm module of ``model`` runs the fused
+    kernel (``F.gelu(approximate="tanh")``, ``F.rms_norm``: equal to the op-by-op forward,
+    RMSNorm bit for bit); yields how many were swapped."""
+    swapped = []
     try:
-        for m in swapped:
-            m.forward = _gelu_tanh
+        for m in model.modules():
+            forward = _fused_forward(m)
+            if forward is not None:
+                m.forward = forward
+                swapped.append((m, forward))
         yield len(swapped)
     finally:
-        for m in swapped:
-            if vars(m).get("forward") is _gelu_tanh:
+        for m, forward in swapped:
+            if vars(m).get("forward") is forward:
                 del m.forward
 
 
