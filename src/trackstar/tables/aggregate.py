@@ -164,11 +164,12 @@ def build_table(
             raise TablesError(message + " (--strict is set)")
         warnings.warn(message, stacklevel=3)
     groups = [group for _, group in latest.groupby("_key", sort=False)]
-    merged = pd.DataFrame([over_seeds(g, columns) if len(g) > 1 else g.iloc[0] for g in groups])
+    # From records, so that each column gets one dtype and the frame one block per dtype.
+    merged = pd.DataFrame.from_records([(over_seeds(g, columns) if len(g) > 1 else g.iloc[0]).to_dict() for g in groups])
     order = sorted(range(len(merged)), key=lambda i: merged["_key"].iloc[i])
     rows = merged.iloc[order].reset_index(drop=True)
-    for header, make in labels.items():
-        rows[label_column(header)] = [make(r) for _, r in rows.iterrows()]
+    made = {label_column(header): [make(r) for _, r in rows.iterrows()] for header, make in labels.items()}
+    rows = pd.concat([rows, pd.DataFrame(made, index=rows.index)], axis=1)
     if any(len(g) > 1 for g in groups):
         note = " ".join(filter(None, [note, SEEDS_NOTE]))
     return PaperTable(name, title, list(labels), list(columns), rows.drop(columns=["_key", "_seeds", "_setting"]), note,

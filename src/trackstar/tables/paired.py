@@ -98,7 +98,7 @@ def paired_table(table: PaperTable) -> PaperTable | None:
     frames = {r["run"]: row_frame(r) for _, r in rows.iterrows()}
     if any(f is None for f in frames.values()):  # W&B runs, or records without per-query metrics
         return None
-    out = rows.copy()
+    new: dict[str, list] = {}  # the companion's columns, joined once (no fragmented frame)
     columns: list[Column] = []
     for ref_label, is_ref in references:
         matches = [i for i, (_, r) in enumerate(rows.iterrows()) if is_ref(r)]
@@ -117,9 +117,9 @@ def paired_table(table: PaperTable) -> PaperTable | None:
                 else:
                     stats_.append(paired_difference(a[c.key], b[c.key], float(r.get("confidence") or 0.95),
                                                     int(r.get("bootstrap_resamples") or 1000)))
-            out[key] = [s["mean"] for s in stats_]
+            new[key] = [s["mean"] for s in stats_]
             for part in ("ci_low", "ci_high", "n"):
-                out[f"{key}/{part}"] = [s[part] for s in stats_]
+                new[f"{key}/{part}"] = [s[part] for s in stats_]
     if not columns:
         return None
     levels = sorted({float(c) for c in rows.get("confidence", pd.Series(dtype=float)).dropna()}) or [0.95]
@@ -128,6 +128,7 @@ def paired_table(table: PaperTable) -> PaperTable | None:
     note = ("Each cell is the mean over queries of the row's metric minus the reference row's, with a "
             "percentile-bootstrap interval over queries; an interval that excludes 0 is a difference "
             "these queries support. — marks the reference itself.")
+    out = pd.concat([rows, pd.DataFrame(new, index=rows.index)], axis=1)
     return PaperTable(f"{table.name}_paired", title, table.labels, columns,
                       out[[label_column(h) for h in table.labels] + ["run", "git_commit"]
                           + [k for c in columns for k in (c.key, f"{c.key}/ci_low", f"{c.key}/ci_high", f"{c.key}/n")]],
