@@ -107,7 +107,14 @@ def plot_figure2(fig: Figure2, path: Path) -> None:
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(len(FIGURE_COLUMNS), len(fig.panels), figsize=(4.2 * len(fig.panels), 6.5), squeeze=False)
+    # One colour per line label across all panels, and a legend with room for every label.
+    names = list(dict.fromkeys(lab for t in fig.present for lab in t.rows[label_column("Method")]))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    ncol = min(len(names), 3) or 1
+    legend_rows = -(-len(names) // ncol)
+    height = 6.5 + 0.3 * legend_rows
+    figure, axes = plt.subplots(len(FIGURE_COLUMNS), len(fig.panels), figsize=(4.2 * len(fig.panels), height), squeeze=False)
     for j, (panel, table) in enumerate(fig.panels.items()):
         for i, column in enumerate(FIGURE_COLUMNS):
             ax = axes[i][j]
@@ -121,7 +128,8 @@ def plot_figure2(fig: Figure2, path: Path) -> None:
                 mean = series[column.key].astype(float)
                 low = series.get(f"{column.key}/ci_low", mean).astype(float)
                 high = series.get(f"{column.key}/ci_high", mean).astype(float)
-                ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=label)
+                ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=label,
+                            color=colors[label])
             if panel == "d":
                 ax.set_xscale("log", base=2)
             if panel == "size":
@@ -133,9 +141,9 @@ def plot_figure2(fig: Figure2, path: Path) -> None:
             handles.setdefault(label, handle)
     labels = list(handles)
     if labels:
-        figure.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(len(labels), 5))
+        figure.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=ncol)
     figure.suptitle(TITLE)
-    figure.tight_layout(rect=(0, 0.06 if labels else 0, 1, 1))
+    figure.tight_layout(rect=(0, (0.3 * legend_rows + 0.2) / height if labels else 0, 1, 1))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
