@@ -158,15 +158,20 @@ def test_feature_extraction(benchmark, family):
           f"-> {rate / naive:.1f}x (target >= 20)")
 
 
-def test_scoring(benchmark, tmp_path):
-    n_train, n_query, d, chunk = 8192, 256, D, 4096
-    gen = torch.Generator().manual_seed(0)
+def _random_store(path, n_train: int, d: int, chunk: int, gen: torch.Generator) -> FeatureStore:
+    """A finished float32 feature store of ``n_train`` Gaussian rows, written ``chunk`` rows at a time."""
     meta = {"row_ids": list(range(n_train)), "d": d, "dtype": "float32", "layout": []}
-    store = FeatureStore.create(tmp_path / "store", meta)
+    store = FeatureStore.create(path, meta)
     for start in range(0, n_train, chunk):
         store.write(start, torch.randn(chunk, d, generator=gen))
     store.finish()
-    store = FeatureStore.open(tmp_path / "store")
+    return FeatureStore.open(path)
+
+
+def test_scoring(benchmark, tmp_path):
+    n_train, n_query, d, chunk = 8192, 256, D, 4096
+    gen = torch.Generator().manual_seed(0)
+    store = _random_store(tmp_path / "store", n_train, d, chunk, gen)
     queries = unit_normalize(torch.randn(n_query, d, generator=gen))
     train_mem = torch.randn(n_train, d, generator=gen)
 
@@ -195,12 +200,7 @@ def test_scoring_with_r(benchmark, tmp_path):
 
     n_train, n_query, d, chunk = 4096, 256, D, 1024
     gen = torch.Generator().manual_seed(0)
-    meta = {"row_ids": list(range(n_train)), "d": d, "dtype": "float32", "layout": []}
-    store = FeatureStore.create(tmp_path / "store", meta)
-    for start in range(0, n_train, chunk):
-        store.write(start, torch.randn(chunk, d, generator=gen))
-    store.finish()
-    store = FeatureStore.open(tmp_path / "store")
+    store = _random_store(tmp_path / "store", n_train, d, chunk, gen)
     r = torch.randn(d, d, generator=gen)
     whitening = Whitening([slice(0, d)], [(r @ r.T / d).float()])
     queries = unit_normalize(torch.randn(n_query, d, generator=gen))
@@ -262,12 +262,7 @@ def test_scoring_memory_is_flat_in_n(benchmark, tmp_path):
     queries = unit_normalize(torch.randn(n_query, d, generator=gen))
     peaks = {}
     for n_train in (8192, 32768):
-        meta = {"row_ids": list(range(n_train)), "d": d, "dtype": "float32", "layout": []}
-        store = FeatureStore.create(tmp_path / f"store-{n_train}", meta)
-        for start in range(0, n_train, chunk):
-            store.write(start, torch.randn(chunk, d, generator=gen))
-        store.finish()
-        store = FeatureStore.open(tmp_path / f"store-{n_train}")
+        store = _random_store(tmp_path / f"store-{n_train}", n_train, d, chunk, gen)
         peaks[n_train] = _peak_anon_during(lambda s=store: top_k(queries, s.chunks(chunk), k=10, normalize_train=True))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     data = {n: n * d * 4 / 2**20 for n in peaks}
