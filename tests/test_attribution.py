@@ -30,6 +30,7 @@ from trackstar.attribution.gradients import (
     NonFiniteGradientError,
     all_parameter_sites,
     block_linear_sites,
+    layer_factors,
 )
 from trackstar.attribution.output import collate, query_example, training_example
 from trackstar.attribution.projection import ProjectionError, Projector
@@ -219,6 +220,43 @@ def test_hook_gradients_equal_bruteforce(arch, output_fn, tokenizer):
     want = torch.stack(want)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_backward_consumes_each_site_once_and_keeps_no_gradient(arch, tokenizer):
+    """Each site's (A, B) goes to the consumer once, inside the backward, equal to the
+    returned factors; a consumed B is released before the backward ends; any subset of
+    sites (upper layers only, MLPs only) gets the same factors as the full set."""
+    import weakref
+
+    model = MAKERS[arch](layers=3)
+    sites = block_linear_sites(model)
+    batch = collate([training_example(tokenizer, t, i, 24) for i, t in enumerate(TRAIN[:3])], "left")
+    full = layer_factors(model, batch, sites)
+    subsets = {"all": sites, "upper": [s for s in sites if ".0." not in s.name],
+               "mlp": [s for s in sites if "mlp" in s.name]}
+    for label, chosen in subsets.items():
+        seen, alive = [], []
+
+        def consume(name, a, b):
+            # The residual stream's gradient flows through every layer as one buffer
+            # (autograd adds into it in place), so a few consumed B's alias it; past
+            # those, no consumed gradient may still hold memory.
+            live = {ref().untyped_storage().data_ptr() for ref in alive if ref() is not None}
+            assert len(live) <= 3, f"{label}: {len(live)} consumed gradients still hold memory"
+            seen.append(name)
+            alive.append(weakref.ref(b))
+            torch.testing.assert_close(a, full[name][0], rtol=0, atol=0)
+            torch.testing.assert_close(b, full[name][1], rtol=0, atol=0)
+
+        assert layer_factors(model, batch, chosen, consume=consume) == {}
+        assert sorted(seen) == sorted(s.name for s in chosen), label
+    # prepare() replaces A with what it returns, computed in the forward pass.
+    got = {}
+    layer_factors(model, batch, sites, consume=lambda n, a, b: got.setdefault(n, a),
+                  prepare=lambda n, a: a[..., :2] * 2)
+    for s in sites:
+        torch.testing.assert_close(got[s.name], full[s.name][0][..., :2] * 2, rtol=0, atol=0)
 
 
 def test_query_sum_reduction_scales_by_target_length(tokenizer):

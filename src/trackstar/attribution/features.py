@@ -93,31 +93,47 @@ class FeatureExtractor:
                 out[:, block.offset : block.stop] = self.projector.project_dense(site.name, g)
                 check_finite(out[:, block.offset : block.stop], batch, site.name)
             return out
-        with self._autocast():
-            factors = layer_factors(self.model, batch, self.sites)
         # Pads are masked after projection (smallest tensors); where() rather
         # than a product so a NaN at a pad position cannot leak in. A batch
         # without pads skips it: on a busy CPU each small op costs a thread
         # wake-up, which is most of the extraction cost at small widths.
         mask = batch.attention_mask.bool().unsqueeze(-1)
         padded = not bool(mask.all())
-        for site in self.sites:
-            a, b = factors.pop(site.name)
-            span = self.projector.by_name[site.name]
-            block = out[:, span.offset : span.stop]
-            corr = self.second_moment[site.name] if self.second_moment is not None else None
-            if corr is not None and not corr.factored:
+        plain = contextlib.nullcontext() if self.autocast_dtype is None else \
+            torch.autocast(self.device.type, enabled=False)
+
+        def dense_v(name: str) -> bool:
+            return self.second_moment is not None and not self.second_moment[name].factored
+
+        def right_side(name: str, a: torch.Tensor) -> torch.Tensor:
+            # Runs in the forward pass: A's projection (or column scaling) is all
+            # the block needs of A, and far smaller.
+            if dense_v(name):
+                return a
+            _, right, _, col = self._folded(name)
+            with plain:
+                return a @ right.T if right is not None else (a * col if col is not None else a)
+
+        def block(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+            # Runs inside the backward pass, as soon as the site's output gradient
+            # exists; the model's dtype (autocast) stops at the model.
+            span = self.projector.by_name[name]
+            rows = out[:, span.offset : span.stop]
+            with plain:
+                if dense_v(name):
+                    if padded:
+                        a, b = torch.where(mask, a, 0.0), torch.where(mask, b, 0.0)
+                    g = torch.bmm(b.transpose(1, 2), a) * self.second_moment[name].dense.to(self.device)
+                    rows[:] = self.projector.project_dense(name, g)
+                    return
+                left, _, row, _ = self._folded(name)
+                b = b @ left.T if left is not None else (b * row if row is not None else b)
                 if padded:
                     a, b = torch.where(mask, a, 0.0), torch.where(mask, b, 0.0)
-                g = torch.bmm(b.transpose(1, 2), a) * corr.dense.to(self.device)
-                block[:] = self.projector.project_dense(site.name, g)
-                continue
-            left, right, row, col = self._folded(site.name)
-            b = b @ left.T if left is not None else (b * row if row is not None else b)
-            a = a @ right.T if right is not None else (a * col if col is not None else a)
-            if padded:
-                a, b = torch.where(mask, a, 0.0), torch.where(mask, b, 0.0)
-            block[:] = self.projector.keep(site.name, torch.bmm(b.transpose(1, 2), a).flatten(1))
+                rows[:] = self.projector.keep(name, torch.bmm(b.transpose(1, 2), a).flatten(1))
+
+        with self._autocast():
+            layer_factors(self.model, batch, self.sites, consume=block, prepare=right_side)
         if not bool(torch.isfinite(out).all()):
             # Slow path, only on failure: find the first example and parameter.
             for site in self.sites:

@@ -18,7 +18,7 @@ transposed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -148,13 +148,27 @@ def check_finite(tensor: torch.Tensor, batch: Batch, site: str) -> None:
 
 
 def layer_factors(
-    model: nn.Module, batch: Batch, sites: list[Site]
+    model: nn.Module,
+    batch: Batch,
+    sites: list[Site],
+    consume: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+    prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (A, B): inputs (n, T, I) and output gradients (n, T, O), float32.
 
     Σ_t B[i, t]ᵀ A[i, t] over the example's real positions is example i's
     gradient of its own output function. Pad positions are NOT masked here;
     the caller masks after projecting, where the tensors are smallest.
+
+    With ``consume``, each site's pair goes to ``consume(name, A, B)`` during
+    the backward pass, as soon as B exists, and is released afterwards, so at
+    most about one layer's output gradients are alive at a time; the result is
+    then empty. Without it, every pair is returned.
+
+    ``prepare(name, A)``, if given, transforms each site's A in the forward
+    pass (for example its projection, far smaller than A), and what it returns
+    is kept and passed on instead of A; A itself is then only kept where the
+    model's own backward needs it.
     """
     from .fused import fused_activations
 
@@ -162,10 +176,18 @@ def layer_factors(
     acts: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     handles = []
+    result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if consume is None:
+        def consume(name, a, b):
+            result[name] = (a, b)
 
     def make_hook(name):
         def hook(module, inputs, output):
-            acts[name] = inputs[0].detach()
+            a = inputs[0].detach()
+            if prepare is not None:
+                with torch.no_grad():
+                    a = prepare(name, a.float())
+            acts[name] = a
             outputs[name] = output
 
         return hook
@@ -174,6 +196,12 @@ def layer_factors(
         # The weights are frozen, so something must require grad for backward
         # to run; the embedding output is the earliest such tensor.
         return output.detach().requires_grad_(True)
+
+    def grad_hook(name):
+        def hook(grad):
+            consume(name, acts.pop(name).float(), grad.float())
+
+        return hook
 
     with eval_mode(model), frozen_parameters(model), torch.enable_grad(), fused_activations(model):
         try:
@@ -190,19 +218,54 @@ def layer_factors(
                 f"No output gradient reaches {unused[0]}: the layer is unused by the "
                 "forward pass. Exclude it from the parameter set."
             )
-        # Gradients with respect to the sites' outputs only: autograd runs no
-        # part of the backward that none of them needs (below the first site).
-        grads = torch.autograd.grad(objective(logits, batch), [outputs[s.name] for s in sites], allow_unused=True)
-
-    result = {}
-    for site, grad in zip(sites, grads):
-        if grad is None:
-            raise RuntimeError(
-                f"No output gradient reached {site.name}: the layer does not affect the output. "
-                "Exclude it from the parameter set."
-            )
-        result[site.name] = (acts[site.name].float(), grad.float())
+        value = objective(logits, batch)
+        del logits  # the loss keeps what its backward needs; the logits themselves can go
+        for s in sites:
+            outputs[s.name].register_hook(grad_hook(s.name))
+        # Gradients with respect to the lowest sites' outputs only: autograd runs
+        # no part of the backward below them, and every other site lies on the
+        # way, so its hook consumes its gradient there and nothing keeps it.
+        lowest = _lowest_sites(outputs)
+        torch.autograd.grad(value, [outputs[name] for name in lowest], allow_unused=True)
+    missing = [s.name for s in sites if s.name in acts]
+    if missing:
+        raise RuntimeError(
+            f"No output gradient reached {missing[0]}: the layer does not affect the output. "
+            "Exclude it from the parameter set."
+        )
     return result
+
+
+def _lowest_sites(outputs: dict[str, torch.Tensor]) -> list[str]:
+    """The sites whose output's backward reaches no other site's output.
+
+    Every other site's output gradient is computed on the way to one of these,
+    so asking autograd for these alone computes them all. One walk over the
+    graph below the sites, iterative (a deep model's graph is deeper than
+    Python's recursion limit).
+    """
+    node_of = {}
+    for name, out in outputs.items():
+        node_of.setdefault(out.grad_fn, []).append(name)
+    below: dict = {}  # node -> whether a site's node lies strictly below it
+    for start in node_of:
+        if start in below:
+            continue
+        stack = [(start, iter(start.next_functions))]
+        while stack:
+            node, children = stack[-1]
+            for child, _ in children:
+                if child is None:
+                    continue
+                if child not in below:
+                    below[child] = None  # in progress
+                    stack.append((child, iter(child.next_functions)))
+                    break
+            else:
+                stack.pop()
+                below[node] = any(child is not None and (child in node_of or below.get(child))
+                                  for child, _ in node.next_functions)
+    return [name for node, names in node_of.items() if not below[node] for name in names]
 
 
 def dense_gradients(model: nn.Module, batch: Batch, sites: list[Site]) -> dict[str, torch.Tensor]:
