@@ -151,3 +151,25 @@ def test_multirun_records_wandb_skip_and_failure(tmp_path):
     assert failing.returncode == 0
     failed = [json.loads(p.read_text()) for p in (tmp_path / "res" / "adhoc").glob("*/metrics.json")]
     assert len(failed) == 2 and all(r["status"] == "failed" and r["error"] for r in failed)
+
+
+def test_scale_study_plans_compose_and_name_what_they_run():
+    """`trackstar scale-study` (and `--full-world`, `--sizes`) runs sweeps whose
+    overrides compose; the full-world plan is the paper regime on the full world."""
+    from trackstar.cli import SCALE_STUDY, scale_study_plan
+
+    assert scale_study_plan(False, None) == list(SCALE_STUDY)
+    full = scale_study_plan(True, None)
+    assert [name for name, _ in full] == ["table1", "table_a5", "figure2_scale"]
+    assert all("regime=paper_full" in extra for _, extra in full)
+    assert full[-1][1][-1] == "model=micro,tiny"
+    assert scale_study_plan(False, "medium")[-1] == ("scale_study", ("model=medium",))
+    with pytest.raises(ValueError, match="--sizes 'huge'"):
+        scale_study_plan(False, "huge")
+    search = "hydra.searchpath=[pkg://trackstar.conf]"
+    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+        for name, extra in full:
+            one = [e.split(",")[0] for e in extra]  # the first value of a swept key
+            cfg = compose(config_name=name, overrides=[search, *one])
+            validate(cfg)
+            assert cfg.world.profile == "full" and cfg.model.epochs == 2 and cfg.eval.n_queries == 300

@@ -4,6 +4,7 @@
     trackstar pretrain --world PATH --size tiny            pretrain (or resume) a model on it
     trackstar quick                                        world, model, every table's sweep, paper tables
     trackstar scale-study                                  Figure 2 at every size, two regimes (hours; resumable)
+    trackstar scale-study --full-world                     the paper's regime on the full world (hours; resumable)
     trackstar sanity                                       top proponents per method; gold vs random tail-patch
     trackstar run method=bm25 eval=open                    one table cell (as trackstar-run, without Hydra's app)
     trackstar score FILE...                                metrics of release-schema retrieval files
@@ -183,19 +184,43 @@ def cmd_quick(args) -> None:
 #: in the paper's regime, then Figure 2 at every size in both regimes (the
 #: longest, last: medium dominates it).
 SCALE_STUDY = (("table1", ("regime=paper",)), ("table_a5", ("regime=paper",)), ("scale_study", ()))
+#: ``--full-world``: the same in the paper's regime on the full world (154,676
+#: documents), Figure 2 for the sizes this machine pretrains in an hour or so.
+SCALE_STUDY_FULL = (("table1", ("regime=paper_full",)), ("table_a5", ("regime=paper_full",)),
+                    ("figure2_scale", ("regime=paper_full",)))
+FULL_WORLD_SIZES = "micro,tiny"
+
+
+def scale_study_plan(full_world: bool, sizes: str | None) -> list[tuple[str, tuple[str, ...]]]:
+    """The sweeps ``trackstar scale-study`` runs, in order, with their overrides."""
+    from .lm.models import MODEL_SIZES
+
+    if sizes is not None:
+        unknown = sorted(set(sizes.split(",")) - set(MODEL_SIZES))
+        if unknown or not sizes:
+            raise ValueError(f"--sizes {sizes!r}: unknown {unknown}; give a comma-separated subset of "
+                             f"{','.join(MODEL_SIZES)}.")
+    plan = SCALE_STUDY_FULL if full_world else SCALE_STUDY
+    sizes = sizes or (FULL_WORLD_SIZES if full_world else None)
+    return [(name, extra + ((f"model={sizes}",) if sizes and name.startswith(("scale_study", "figure2")) else ()))
+            for name, extra in plan]
 
 
 def cmd_scale_study(args) -> None:
     """Figure 2 at every model size and checkpoint in both training regimes, and Table 1
-    and the λ grid in the paper's regime, into their own results root and tables."""
+    and the λ grid in the paper's regime, into their own results root and tables
+    (``--full-world``: all of it in the paper's regime on the full world)."""
     t0 = time.perf_counter()
+    plan = scale_study_plan(args.full_world, args.sizes)
+    results = args.results or ("results/paper_full" if args.full_world else "results/scale_study")
+    tables = args.paper_tables or ("paper_tables/paper_full" if args.full_world else "paper_tables/scale_study")
     root = _artifacts_root(args.artifacts)
     timings = {}
-    for name, extra in SCALE_STUDY:
+    for name, extra in plan:
         label = name if not extra else f"{name} ({' '.join(extra)})"
-        timings[label] = _run_sweep(name, [f"artifacts_dir={root}", f"results_dir={args.results}", *extra,
+        timings[label] = _run_sweep(name, [f"artifacts_dir={root}", f"results_dir={results}", *extra,
                                            f"device={args.device}", *args.override])
-    _tables(args.results, args.paper_tables, timings, t0, "scale study")
+    _tables(results, tables, timings, t0, "scale study")
 
 
 def cmd_sanity(args) -> None:
@@ -333,9 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scale-study", parents=[common],
                        help="Figure 2 at every model size in two training regimes, Table 1 and the λ grid in the paper's "
                             "(hours on 2 cores; resumable)")
-    p.add_argument("--results", default="results/scale_study", help="run records root (default ./results/scale_study)")
-    p.add_argument("--paper-tables", default="paper_tables/scale_study",
-                   help="where the tables go (default ./paper_tables/scale_study)")
+    p.add_argument("--full-world", action="store_true",
+                   help="the paper's regime on the full world (154,676 documents): Table 1, the λ grid and Figure 2 "
+                        f"for --sizes (default {FULL_WORLD_SIZES}); results/paper_full and paper_tables/paper_full")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated model sizes of Figure 2's sweep (default micro,tiny,small,medium; "
+                        f"{FULL_WORLD_SIZES} with --full-world)")
+    p.add_argument("--results", default=None,
+                   help="run records root (default ./results/scale_study, ./results/paper_full with --full-world)")
+    p.add_argument("--paper-tables", default=None,
+                   help="where the tables go (default ./paper_tables/scale_study, ./paper_tables/paper_full "
+                        "with --full-world)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every job, e.g. logger=none")
     p.set_defaults(func=cmd_scale_study)
