@@ -223,16 +223,24 @@ def test_hook_gradients_equal_bruteforce(arch, output_fn, tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_backward_consumes_each_site_once_and_keeps_no_gradient(arch, tokenizer):
+def test_backward_consumes_each_site_once_and_keeps_no_gradient(arch, tokenizer, monkeypatch):
     """Each site's (A, B) goes to the consumer once, inside the backward, equal to the
     returned factors; a consumed B is released before the backward ends; any subset of
     sites (upper layers only, MLPs only) gets the same factors as the full set."""
     import weakref
 
+    from trackstar.attribution import gradients
+
     model = MAKERS[arch](layers=3)
     sites = block_linear_sites(model)
     batch = collate([training_example(tokenizer, t, i, 24) for i, t in enumerate(TRAIN[:3])], "left")
+    lowest = []
+    real = gradients._lowest_sites
+    monkeypatch.setattr(gradients, "_lowest_sites", lambda outputs: lowest.append(real(outputs)) or lowest[-1])
     full = layer_factors(model, batch, sites)
+    first = {"gpt2": ["attn.c_attn"], "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}[arch]
+    prefix = "transformer.h.0." if arch == "gpt2" else "model.layers.0."
+    assert lowest == [[f"{prefix}{m}.weight" for m in first]]  # autograd is asked for layer 0's inputs only
     subsets = {"all": sites, "upper": [s for s in sites if ".0." not in s.name],
                "mlp": [s for s in sites if "mlp" in s.name]}
     for label, chosen in subsets.items():
@@ -257,6 +265,29 @@ def test_backward_consumes_each_site_once_and_keeps_no_gradient(arch, tokenizer)
                   prepare=lambda n, a: a[..., :2] * 2)
     for s in sites:
         torch.testing.assert_close(got[s.name], full[s.name][0][..., :2] * 2, rtol=0, atol=0)
+
+
+def test_layers_run_twice_or_outputs_changed_in_place_are_clear_errors(tokenizer):
+    """Both would make a site's hooked output gradient not its weight's: refuse, naming the site."""
+    batch = collate([training_example(tokenizer, TRAIN[0], 0, 24)], "right")
+    model = make_gpt2()
+    mlp = model.transformer.h[0].mlp
+    once = mlp.forward
+    mlp.forward = lambda h: once(h) + 0 * once(h)
+    with pytest.raises(RuntimeError, match=r"transformer\.h\.0\.mlp\.c_fc\.weight's layer ran twice"):
+        layer_factors(model, batch, block_linear_sites(model))
+    model = make_gpt2()
+    attn = model.transformer.h[1].attn
+    plain = attn.forward
+
+    def scaled_in_place(*args, **kwargs):  # the attention block scales c_proj's output in place
+        out = plain(*args, **kwargs)
+        out[0].mul_(2)
+        return out
+
+    attn.forward = scaled_in_place
+    with pytest.raises(RuntimeError, match=r"modifies transformer\.h\.1\.attn\.c_proj\.weight's output in place"):
+        layer_factors(model, batch, block_linear_sites(model))
 
 
 def test_query_sum_reduction_scales_by_target_length(tokenizer):

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import transformers
 
 from trackstar.lm.models import MODEL_SIZES
@@ -40,6 +41,8 @@ FAKE_COMMON = textwrap.dedent("""
     import transformers
     SEQ_LEN = 64
     PER_SIDE = {"gpt2": 16, "llama": 12}
+    def write_result(path, result):
+        print("RESULT", result)
     def build_model(arch):
         if arch == "gpt2":
             return transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=4096, n_positions=128)
@@ -49,15 +52,17 @@ FAKE_COMMON = textwrap.dedent("""
 """)
 
 
-def test_patch_rewrites_the_harness_workload_and_restores_transformers(tmp_path, monkeypatch):
+def test_patch_rewrites_the_harness_workload_and_restores_transformers(tmp_path, capsys):
     (tmp_path / "common.py").write_text(FAKE_COMMON)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "common", raising=False)
-    import common
+    spec = importlib.util.spec_from_file_location("fake_peers_common", tmp_path / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
 
     before = transformers.GPT2Config
     _shim().patch(common, "medium")
     gpt2, llama = common.build_model("gpt2"), common.build_model("llama")
+    common.write_result(None, {"tool": "x"})
+    assert "'workload': 'medium: 6 layers, width 384, 256 tokens'" in capsys.readouterr().out
     assert transformers.GPT2Config is before  # restored after the call
     assert (gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.n_inner, gpt2.n_positions, gpt2.vocab_size) == (
         6, 384, 6, 1536, 256, 4096)
@@ -74,3 +79,21 @@ def test_sitecustomize_patches_common_on_import_only_when_asked(tmp_path):
                                        capture_output=True, text=True, check=True).stdout.split()
     assert run({"PEERS_SHAPE": "medium"}) == ["256", "6"]
     assert run({}) == ["64", "4"]
+    # A harness whose common.py lost what the patch needs is refused, not measured at its own size.
+    (tmp_path / "common.py").write_text("SEQ_LEN = 64\n")
+    (tmp_path / "run_peers.sh").write_text("")
+    failed = subprocess.run([sys.executable, "-c", "import common"], env={**env, "PEERS_SHAPE": "medium"},
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "no longer has build_model, PER_SIDE, write_result" in failed.stderr
+
+
+def test_a_harness_that_ignores_the_sizes_is_refused(tmp_path):
+    (tmp_path / "common.py").write_text(FAKE_COMMON.replace("transformers.GPT2Config(", "dict(").replace(
+        "def write_result", "def build_model_unused(): pass\ndef write_result"))
+    spec = importlib.util.spec_from_file_location("fake_peers_common2", tmp_path / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    shim = _shim()
+    shim.patch(common, "medium")
+    with pytest.raises(SystemExit, match="the harness built None layers"):
+        common.build_model("gpt2")

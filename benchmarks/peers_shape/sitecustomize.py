@@ -59,13 +59,28 @@ def patch(common, name: str) -> None:
         try:
             for cls, extra in overrides.items():
                 setattr(transformers, cls, lambda _cls=saved[cls], _extra=extra, **kw: _cls(**{**kw, **_extra}))
-            return original(arch)
+            model = original(arch)
         finally:
             for cls, value in saved.items():
                 setattr(transformers, cls, value)
+        config = getattr(model, "config", model)
+        got = (getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None),
+               getattr(config, "n_embd", None) or getattr(config, "hidden_size", None))
+        if got != (shape["n_layer"], shape["d_model"]):
+            raise SystemExit(f"PEERS_SHAPE={name}: the harness built {got[0]} layers of width {got[1]}, not "
+                             f"{shape['n_layer']} x {shape['d_model']}: its build_model no longer calls "
+                             "transformers.<Family>Config(...); update benchmarks/peers_shape.")
+        return model
+
+    write_result = common.write_result
+
+    def write_result_with_workload(path, result):
+        result.setdefault("workload", f"{name}: {shape['n_layer']} layers, width {shape['d_model']}, "
+                                      f"{shape['seq_len']} tokens")
+        return write_result(path, result)
 
     common.build_model = build_model
-    common.WORKLOAD = name
+    common.write_result = write_result_with_workload
 
 
 class _PatchCommon(importlib.abc.MetaPathFinder):
@@ -84,8 +99,13 @@ class _PatchCommon(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            if hasattr(module, "build_model") and hasattr(module, "PER_SIDE"):  # the harness's common
+            names = ("build_model", "PER_SIDE", "SEQ_LEN", "write_result")
+            if all(hasattr(module, n) for n in names):  # the harness's common
                 patch(module, self.shape)
+            elif os.path.isfile(os.path.join(os.path.dirname(module.__file__ or ""), "run_peers.sh")):
+                raise SystemExit(f"PEERS_SHAPE={self.shape}: the peers harness's common.py no longer has "
+                                 f"{', '.join(n for n in names if not hasattr(module, n))}; "
+                                 "update benchmarks/peers_shape.")
 
         spec.loader.exec_module = exec_module
         return spec

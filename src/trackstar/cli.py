@@ -196,10 +196,12 @@ def scale_study_plan(full_world: bool, sizes: str | None) -> list[tuple[str, tup
     from .lm.models import MODEL_SIZES
 
     if sizes is not None:
-        unknown = sorted(set(sizes.split(",")) - set(MODEL_SIZES))
-        if unknown or not sizes:
+        given = [s.strip() for s in sizes.split(",")]
+        unknown = sorted(set(given) - set(MODEL_SIZES))
+        if unknown:
             raise ValueError(f"--sizes {sizes!r}: unknown {unknown}; give a comma-separated subset of "
                              f"{','.join(MODEL_SIZES)}.")
+        sizes = ",".join(dict.fromkeys(given))  # each once, in the order given
     plan = SCALE_STUDY_FULL if full_world else SCALE_STUDY
     sizes = sizes or (FULL_WORLD_SIZES if full_world else None)
     return [(name, extra + ((f"model={sizes}",) if sizes and name.startswith(("scale_study", "figure2")) else ()))

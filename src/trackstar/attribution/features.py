@@ -111,8 +111,11 @@ class FeatureExtractor:
             if dense_v(name):
                 return a
             _, right, _, col = self._folded(name)
+            if right is None and col is None:
+                return a
             with plain:
-                return a @ right.T if right is not None else (a * col if col is not None else a)
+                a = a.float()
+                return a @ right.T if right is not None else a * col
 
         def block(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
             # Runs inside the backward pass, as soon as the site's output gradient

@@ -165,10 +165,11 @@ def layer_factors(
     most about one layer's output gradients are alive at a time; the result is
     then empty. Without it, every pair is returned.
 
-    ``prepare(name, A)``, if given, transforms each site's A in the forward
-    pass (for example its projection, far smaller than A), and what it returns
-    is kept and passed on instead of A; A itself is then only kept where the
-    model's own backward needs it.
+    ``prepare(name, A)``, if given, transforms each site's A (as the model
+    computed it, e.g. bfloat16 under autocast) in the forward pass, for example
+    into its projection, far smaller than A; what it returns is kept and passed
+    on instead of A, so A itself is only kept where the model's own backward
+    needs it.
     """
     from .fused import fused_activations
 
@@ -181,14 +182,22 @@ def layer_factors(
         def consume(name, a, b):
             result[name] = (a, b)
 
+    versions: dict[str, int] = {}
+
     def make_hook(name):
         def hook(module, inputs, output):
+            if name in outputs:
+                raise RuntimeError(
+                    f"{name}'s layer ran twice in one forward pass (a shared or reused module); its per-example "
+                    "gradient is the sum over both calls, which the hook path does not form. Use params='all'."
+                )
             a = inputs[0].detach()
             if prepare is not None:
                 with torch.no_grad():
-                    a = prepare(name, a.float())
+                    a = prepare(name, a)
             acts[name] = a
             outputs[name] = output
+            versions[name] = output._version
 
         return hook
 
@@ -199,6 +208,8 @@ def layer_factors(
 
     def grad_hook(name):
         def hook(grad):
+            if grad is None:  # nothing flowed back to this site: reported below
+                return
             consume(name, acts.pop(name).float(), grad.float())
 
         return hook
@@ -218,15 +229,24 @@ def layer_factors(
                 f"No output gradient reaches {unused[0]}: the layer is unused by the "
                 "forward pass. Exclude it from the parameter set."
             )
+        changed = [s.name for s in sites if outputs[s.name]._version != versions[s.name]]
+        if changed:
+            raise RuntimeError(
+                f"The model modifies {changed[0]}'s output in place after the layer, so its output gradient is "
+                "not the layer's. Use params='all' for this model, or exclude the parameter."
+            )
         value = objective(logits, batch)
         del logits  # the loss keeps what its backward needs; the logits themselves can go
         for s in sites:
             outputs[s.name].register_hook(grad_hook(s.name))
         # Gradients with respect to the lowest sites' outputs only: autograd runs
         # no part of the backward below them, and every other site lies on the
-        # way, so its hook consumes its gradient there and nothing keeps it.
-        lowest = _lowest_sites(outputs)
-        torch.autograd.grad(value, [outputs[name] for name in lowest], allow_unused=True)
+        # way, so its hook consumes its gradient there and nothing keeps it (the
+        # hooks live on the graph, so the outputs themselves need not be kept).
+        roots = [outputs[name] for name in _lowest_sites(outputs)]
+        outputs.clear()
+        torch.autograd.grad(value, roots, allow_unused=True)
+        del roots
     missing = [s.name for s in sites if s.name in acts]
     if missing:
         raise RuntimeError(
