@@ -13,6 +13,7 @@ from trackstar.experiment.record import WANDB_CONFIG_KEY, RunRecord
 from trackstar.experiment.tracking import wandb_summary
 from trackstar.tables import TABLES, TablesError, check_commits, figure2, load_local_runs, load_wandb_runs, to_latex, to_markdown
 from trackstar.tables.aggregate import label_column
+from trackstar.tables.figures import figure2_frame
 from trackstar.tables.cli import main
 from trackstar.tables.runs import FailedRunsWarning, MixedCommitWarning, StaleRecordsWarning
 
@@ -177,6 +178,11 @@ def test_figure2_panels(results):
     assert list(zip(labels(fig.panels["step"]), labels(fig.panels["step"], "Fraction of training steps"))) == [
         ("TrackStar, micro model", "1"), ("TrackStar, tiny model", "0.25"), ("TrackStar, tiny model", "0.5"),
         ("TrackStar, tiny model", "1"), ("TrackStar, small model", "1")]
+    # The final checkpoints are points of both panels; the provenance names each run once.
+    frame = figure2_frame(fig)
+    shared = set(fig.panels["size"].rows["run"]) & set(fig.panels["step"].rows["run"])
+    assert shared and len(frame.runs) == len(set(frame.runs)) == len(set(frame.rows["run"]))
+    assert sum(frame.commits.values()) == len(frame.runs)
 
 
 def test_figure2_separates_training_regimes(results):

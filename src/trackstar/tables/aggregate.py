@@ -53,13 +53,16 @@ class PaperTable:
 
     @property
     def runs(self) -> list[str]:
-        """Every run behind the rows (all seeds of a row over seeds)."""
+        """Every run behind the rows (all seeds of a row over seeds), each once: a figure
+        shows a run in several panels (the final checkpoint is a size and a step point)."""
         seeds = self.rows["seed_runs"] if "seed_runs" in self.rows else [None] * len(self.rows)
-        return [r for run, many in zip(self.rows["run"], seeds) for r in (many if isinstance(many, tuple) else (run,))]
+        return list(dict.fromkeys(r for run, many in zip(self.rows["run"], seeds)
+                                  for r in (many if isinstance(many, tuple) else (run,))))
 
     @property
     def commits(self) -> Counter:
-        return Counter(self.rows["git_commit"])
+        """Rows per commit, a run shown in several panels counted once."""
+        return Counter(dict(zip(self.rows["run"], self.rows["git_commit"])).values())
 
 
 def label_column(header: str) -> str:
