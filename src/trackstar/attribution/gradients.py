@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .output import Batch, forward_logits, objective
+from .output import Batch, forward_objective
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def layer_factors(
             handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(make_hook(name)))
-            logits = forward_logits(model, batch)
+            value = forward_objective(model, batch)  # no (n, T, vocab) logits where the model allows
         finally:
             for h in handles:
                 h.remove()
@@ -235,8 +235,6 @@ def layer_factors(
                 f"The model modifies {changed[0]}'s output in place after the layer, so its output gradient is "
                 "not the layer's. Use params='all' for this model, or exclude the parameter."
             )
-        value = objective(logits, batch)
-        del logits  # the loss keeps what its backward needs; the logits themselves can go
         for s in sites:
             outputs[s.name].register_hook(grad_hook(s.name))
         # Gradients with respect to the lowest sites' outputs only: autograd runs
@@ -310,7 +308,7 @@ def dense_gradients(model: nn.Module, batch: Batch, sites: list[Site]) -> dict[s
                 batch.weights[i, keep][None],
                 [example],
             )
-            value = objective(forward_logits(model, single), single)
+            value = forward_objective(model, single)
             grads = torch.autograd.grad(value, chosen, allow_unused=True)
             for s, p, g in zip(sites, chosen, grads):
                 g = torch.zeros_like(p) if g is None else g.detach().float()

@@ -128,23 +128,35 @@ def collate(examples: Sequence[Example], padding_side: str = "right", pad_id: in
     return Batch(ids, mask, positions, weights, list(examples))
 
 
-def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Sum over examples of each example's weighted output: Σ_i f(z_i)."""
-    from .fused import weighted_token_loss
-    # Position t of the logits predicts ids[t + 1]. Shifting the labels and
-    # weights (the last position gets weight 0) rather than slicing the logits
-    # avoids copying the (n, T, vocab) tensor forward and zero-filling it in
-    # the backward pass.
+def _shifted(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and weights aligned with the logits: position t predicts ids[t + 1]; the last gets weight 0."""
     pad = batch.input_ids.new_zeros((batch.input_ids.shape[0], 1))
     labels = torch.cat([batch.input_ids[:, 1:], pad], dim=1)
     w = torch.cat([batch.weights[:, 1:], pad.float()], dim=1)
+    return labels, w
+
+
+def _fn_rows(batch: Batch) -> list[tuple[str, torch.Tensor | None]]:
+    """Each output function in the batch with its examples (None: every example)."""
     fns = sorted({e.output_fn for e in batch.examples})
+    if len(fns) == 1:
+        return [(fns[0], None)]
+    return [(fn, torch.tensor([e.output_fn == fn for e in batch.examples], device=batch.input_ids.device))
+            for fn in fns]
+
+
+def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Sum over examples of each example's weighted output: Σ_i f(z_i)."""
+    from .fused import weighted_token_loss
+    # Shifting the labels and weights rather than slicing the logits avoids
+    # copying the (n, T, vocab) tensor forward and zero-filling it in the
+    # backward pass.
+    labels, w = _shifted(batch)
     total = logits.new_zeros((), dtype=torch.float32)
-    for fn in fns:
-        if len(fns) == 1:  # the usual case; indexing would copy the logits
+    for fn, rows in _fn_rows(batch):
+        if rows is None:  # the usual case; indexing would copy the logits
             p, y, wr = logits, labels, w
         else:
-            rows = torch.tensor([e.output_fn == fn for e in batch.examples])
             p, y, wr = logits[rows], labels[rows], w[rows]
         if fn == "loss":  # the weighted cross-entropy with a one-pass backward
             total = total + weighted_token_loss(p.float(), y, wr)
@@ -153,6 +165,57 @@ def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         # where() rather than a product: a pad position's value may be inf/NaN
         # and 0 * NaN would leak into the sum.
         total = total + torch.where(wr > 0, values * wr, torch.zeros_like(values)).sum()
+    return total
+
+
+#: Causal LMs whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``,
+#: nothing applied after the head (no soft-capping or scaling, unlike e.g. Gemma 2 or Cohere).
+PLAIN_HEAD_MODELS = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                     "Qwen3ForCausalLM", "GPTNeoXForCausalLM", "Olmo2ForCausalLM")
+
+
+def plain_head(model) -> torch.nn.Linear | None:
+    """The output head, where the logits are only that head of the last hidden state and
+    nothing needs its gradient (so :func:`forward_objective` may form only the logits it uses)."""
+    if type(model).__name__ not in PLAIN_HEAD_MODELS:
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or any(p.requires_grad for p in head.parameters()):
+        return None
+    return head
+
+
+def forward_objective(model, batch: Batch) -> torch.Tensor:
+    """``objective(forward_logits(model, batch), batch)``, with the same gradient below the head.
+
+    Where :func:`plain_head` allows, the logits are formed only at the positions
+    of weight > 0, and for the loss output function only a few hundred rows at a
+    time (:func:`~.fused.linear_token_loss`), never as an (n, T, vocab) tensor;
+    otherwise (any other model, or a head that needs its own gradient) the full
+    logits, as the model computes them.
+    """
+    from .fused import linear_token_loss
+
+    head = plain_head(model)
+    if head is None:
+        return objective(forward_logits(model, batch), batch)
+    hidden = model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels, w = _shifted(batch)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for fn, rows in _fn_rows(batch):
+        keep = w > 0 if rows is None else (w > 0) & rows[:, None]
+        at = keep.flatten().nonzero()[:, 0]  # pads and unweighted positions: no logits at all
+        h, y, wr = hidden.index_select(0, at), labels.flatten()[at], w.flatten()[at]
+        if fn == "loss":
+            total = total + linear_token_loss(h, head.weight, head.bias, y, wr)
+        else:
+            total = total + (token_outputs(head(h), y, fn) * wr).sum()
     return total
 
 
