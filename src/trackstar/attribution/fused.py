@@ -127,28 +127,40 @@ def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: tor
 #: Logit bytes per chunk of :func:`linear_token_loss`: in cache on a CPU; on a GPU, big enough to fill it.
 CHUNK_BYTES = {"cpu": 8 << 20}
 DEFAULT_CHUNK_BYTES = 512 << 20
+#: Rows per chunk at least: each chunk reads the whole head, so a huge vocabulary must not mean tiny chunks.
+MIN_CHUNK_ROWS = 128
 
 
 class _LinearTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        rows = max(1, CHUNK_BYTES.get(hidden.device.type, DEFAULT_CHUNK_BYTES) // (4 * weight.shape[0]))
-        dtype = torch.promote_types(hidden.dtype, torch.float32)  # the loss in float32 at least
-        weights = weights.to(dtype)
-        grad_hidden = torch.empty_like(hidden)
-        total = hidden.new_zeros((), dtype=dtype)
-        for start in range(0, hidden.shape[0], rows):
-            part = slice(start, start + rows)
-            logits = F.linear(hidden[part], weight, bias)  # the model's dtype (autocast) up to here
-            log_probs = torch.log_softmax(logits.to(dtype), dim=-1)
-            y, w = labels[part, None], weights[part]
-            total = total - (w * log_probs.gather(-1, y)[:, 0]).sum()
-            # w · (softmax − onehot), in place over the log-probabilities, as weighted_token_loss's backward
-            probs = log_probs.exp_()
-            probs.mul_(w[:, None])
-            probs.scatter_add_(-1, y, -w[:, None])
-            grad_hidden[part] = probs.to(logits.dtype) @ weight.to(logits.dtype)
+        device = hidden.device.type
+        rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES.get(device, DEFAULT_CHUNK_BYTES) // (4 * weight.shape[0]))
+        # The head in the dtype the model's own would run in (autocast's, if on), cast once rather
+        # than per chunk (autocast does not cache casts of frozen weights); then autocast off.
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        head_w = weight.to(compute)
+        head_b = None if bias is None else bias.to(compute)
+        h = hidden.to(compute)
+        weights = weights.float()  # the loss in float32, as weighted_token_loss of .float() logits
+        want_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        off = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+        with off:
+            for start in range(0, h.shape[0], rows):
+                part = slice(start, start + rows)
+                log_probs = torch.log_softmax(F.linear(h[part], head_w, head_b).float(), dim=-1)
+                y, w = labels[part, None], weights[part]
+                total = total - (w * log_probs.gather(-1, y)[:, 0]).sum()
+                if want_grad:
+                    # w · (softmax − onehot), in place over the log-probabilities, as weighted_token_loss's
+                    # backward; then through the head, as the linear's backward would
+                    probs = log_probs.exp_()
+                    probs.mul_(w[:, None])
+                    probs.scatter_add_(-1, y, -w[:, None])
+                    grad_hidden[part] = probs.to(compute) @ head_w
         ctx.save_for_backward(grad_hidden)
         return total
 

@@ -177,11 +177,14 @@ PLAIN_HEAD_MODELS = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM"
 def plain_head(model) -> torch.nn.Linear | None:
     """The output head, where the logits are only that head of the last hidden state and
     nothing needs its gradient (so :func:`forward_objective` may form only the logits it uses)."""
-    if type(model).__name__ not in PLAIN_HEAD_MODELS:
-        return None
+    cls = type(model)
+    if cls.__name__ not in PLAIN_HEAD_MODELS or not cls.__module__.startswith("transformers.models."):
+        return None  # remote code may reuse a name with another forward
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or any(p.requires_grad for p in head.parameters()):
         return None
+    if any(hasattr(m, "_hf_hook") or m._forward_hooks or m._forward_pre_hooks for m in (model, head)):
+        return None  # accelerate's dispatch/offload or a user's hook expects the head module to run
     return head
 
 
