@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .gradients import Site, eval_mode
-from .output import Batch, forward_logits, objective
+from .output import Batch, forward_objective
 
 
 class SecondMomentError(ValueError):
@@ -275,20 +275,25 @@ def estimate_second_moment(
     device = model_device(model)
     sums = [torch.zeros(s.shape, dtype=torch.float64, device=float64_device(device)) for s in sites]
     count = 0
-    flags = [p.requires_grad for p in chosen]
-    for p in chosen:
-        p.requires_grad_(True)
-    with eval_mode(model), torch.enable_grad():
-        for batch in batches:
-            batch = batch.to(device)
-            value = objective(forward_logits(model, batch), batch) / len(batch.examples)
-            grads = torch.autograd.grad(value, chosen, allow_unused=True)
-            for acc, s, g in zip(sums, sites, grads):
-                if g is not None:
-                    acc += (_oriented(g, s) ** 2).to(acc.device)
-            count += 1
-    for p, flag in zip(chosen, flags):
-        p.requires_grad_(flag)
+    # Only the sites' weights need a gradient: the rest (the output head included, so the
+    # loss need not form whole logits: forward_objective) is frozen for the duration.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    wanted = {id(p) for p in chosen}
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in wanted)
+        with eval_mode(model), torch.enable_grad():
+            for batch in batches:
+                batch = batch.to(device)
+                value = forward_objective(model, batch) / len(batch.examples)
+                grads = torch.autograd.grad(value, chosen, allow_unused=True)
+                for acc, s, g in zip(sums, sites, grads):
+                    if g is not None:
+                        acc += (_oriented(g, s) ** 2).to(acc.device)
+                count += 1
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     if count == 0:
         raise SecondMomentError("Cannot estimate V from zero batches; give training texts.")
     warnings.warn(
