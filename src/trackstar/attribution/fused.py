@@ -90,6 +90,14 @@ def fused_activations(model: nn.Module) -> Iterator[int]:
                 del m.forward
 
 
+def _loss_grad_(log_probs: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """coef · (softmax − onehot(labels)), the loss's gradient in the logits, in place over ``log_probs``."""
+    out = log_probs.exp_()
+    out.mul_(coef[:, None])
+    out.scatter_add_(-1, labels[:, None], -coef[:, None])
+    return out
+
+
 class _WeightedTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -105,12 +113,10 @@ class _WeightedTokenLoss(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         log_probs, labels, weights = ctx.saved_tensors
         coef = torch.where(weights > 0, grad * weights, torch.zeros_like(weights))
-        # coef · (softmax − onehot), in place over the saved log-probabilities (used once:
-        # the graph is not retained for a second backward).
-        out = log_probs.exp_()
-        out.mul_(coef[:, None])
+        # In place over the saved log-probabilities (used once: the graph is not retained
+        # for a second backward).
+        out = _loss_grad_(log_probs, labels, coef)
         out.masked_fill_((coef == 0)[:, None], 0.0)  # pads: exactly 0, even where their logits were not finite
-        out.scatter_add_(-1, labels[:, None], -coef[:, None])
         return out, None, None
 
 
@@ -139,7 +145,8 @@ class _LinearTokenLoss(torch.autograd.Function):
         rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES.get(device, DEFAULT_CHUNK_BYTES) // (4 * weight.shape[0]))
         # The head in the dtype the model's own would run in (autocast's, if on), cast once rather
         # than per chunk (autocast does not cache casts of frozen weights); then autocast off.
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        autocast = torch.is_autocast_enabled(device)
+        compute = torch.get_autocast_dtype(device) if autocast else weight.dtype
         head_w = weight.to(compute)
         head_b = None if bias is None else bias.to(compute)
         h = hidden.to(compute)
@@ -147,20 +154,14 @@ class _LinearTokenLoss(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
-        off = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
-        with off:
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             for start in range(0, h.shape[0], rows):
                 part = slice(start, start + rows)
                 log_probs = torch.log_softmax(F.linear(h[part], head_w, head_b).float(), dim=-1)
                 y, w = labels[part, None], weights[part]
                 total = total - (w * log_probs.gather(-1, y)[:, 0]).sum()
-                if want_grad:
-                    # w · (softmax − onehot), in place over the log-probabilities, as weighted_token_loss's
-                    # backward; then through the head, as the linear's backward would
-                    probs = log_probs.exp_()
-                    probs.mul_(w[:, None])
-                    probs.scatter_add_(-1, y, -w[:, None])
-                    grad_hidden[part] = probs.to(compute) @ head_w
+                if want_grad:  # then through the head, as the linear's backward would
+                    grad_hidden[part] = _loss_grad_(log_probs, labels[part], w).to(compute) @ head_w
         ctx.save_for_backward(grad_hidden)
         return total
 
