@@ -162,7 +162,7 @@ def test_scale_study_plans_compose_and_name_what_they_run():
     full = scale_study_plan(True, None)
     assert [name for name, _ in full] == ["table1", "table_a5", "figure2_scale"]
     assert all("regime=paper_full" in extra for _, extra in full)
-    assert full[-1][1][-1] == "model=micro,tiny"
+    assert full[-1][1][-1] == "model=micro,tiny,small"
     assert scale_study_plan(False, "medium")[-1] == ("scale_study", ("model=medium",))
     assert scale_study_plan(True, "tiny, micro,tiny")[-1][1][-1] == "model=tiny,micro"
     with pytest.raises(ValueError, match="--sizes 'huge'"):
