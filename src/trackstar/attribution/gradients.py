@@ -18,7 +18,7 @@ transposed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,12 +105,14 @@ def site_modules(model: nn.Module, sites: list[Site]) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Freeze every parameter for the duration, restoring each flag afterwards."""
+def frozen_parameters(model: nn.Module, trainable: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Freeze every parameter but ``trainable`` (which require grad) for the duration,
+    restoring each flag afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    wanted = {id(p) for p in trainable}
     try:
         for p, _ in flags:
-            p.requires_grad_(False)
+            p.requires_grad_(id(p) in wanted)
         yield
     finally:
         for p, flag in flags:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .gradients import Site, eval_mode
+from .gradients import Site, eval_mode, frozen_parameters
 from .output import Batch, forward_objective
 
 
@@ -277,23 +277,15 @@ def estimate_second_moment(
     count = 0
     # Only the sites' weights need a gradient: the rest (the output head included, so the
     # loss need not form whole logits: forward_objective) is frozen for the duration.
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    wanted = {id(p) for p in chosen}
-    try:
-        for p, _ in flags:
-            p.requires_grad_(id(p) in wanted)
-        with eval_mode(model), torch.enable_grad():
-            for batch in batches:
-                batch = batch.to(device)
-                value = forward_objective(model, batch) / len(batch.examples)
-                grads = torch.autograd.grad(value, chosen, allow_unused=True)
-                for acc, s, g in zip(sums, sites, grads):
-                    if g is not None:
-                        acc += (_oriented(g, s) ** 2).to(acc.device)
-                count += 1
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with eval_mode(model), frozen_parameters(model, trainable=chosen), torch.enable_grad():
+        for batch in batches:
+            batch = batch.to(device)
+            value = forward_objective(model, batch) / len(batch.examples)
+            grads = torch.autograd.grad(value, chosen, allow_unused=True)
+            for acc, s, g in zip(sums, sites, grads):
+                if g is not None:
+                    acc += (_oriented(g, s) ** 2).to(acc.device)
+            count += 1
     if count == 0:
         raise SecondMomentError("Cannot estimate V from zero batches; give training texts.")
     warnings.warn(
