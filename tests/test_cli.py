@@ -8,13 +8,16 @@ def test_quick_builds_world_pretrains_and_reports(tmp_path, capsys):
             "--results", str(tmp_path / "res"), "--paper-tables", str(tmp_path / "tables")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "world micro seed=0" in out and "model gpt2-micro" in out
+    assert "world micro (natural) seed=0" in out and "model gpt2-micro" in out
     assert "c4_frequency_bucket" in out and "accuracy" in out
-    models = list((tmp_path / "models" / "micro-s0").iterdir())
+    assert "closed-set BM25 MRR" in out  # the world card
+    world, = (tmp_path / "models").iterdir()
+    assert world.name.startswith("micro-natural-") and world.name.endswith("-s0")
+    models = list(world.iterdir())
     assert len(models) == 1 and (models[0] / "pretrain.json").is_file()
     # A second run reuses both artifacts instead of rebuilding them.
     assert main(args) == 0
-    assert list((tmp_path / "models" / "micro-s0").iterdir()) == models
+    assert list(world.iterdir()) == models
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):

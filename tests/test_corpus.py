@@ -80,7 +80,8 @@ def test_a_sweep_cell_and_pretraining_take_the_corpus(files, tmp_path):
     from trackstar.cli import main
     from trackstar.experiment.cell import ConfigError, compose_config, run_cell, validate
 
-    common = ["world=micro", "model=micro", "eval=open", "method=bm25", "progress=false", "logger=none",
+    # The corpus files hold the templated micro world's documents.
+    common = ["world=micro", "world.style=templated", "model=micro", "eval=open", "method=bm25", "progress=false", "logger=none",
               f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}",
               "corpus.source=parquet", f"corpus.path={files / 'docs.parquet'}", "corpus.passage_words=40"]
     record = run_cell(compose_config(common))

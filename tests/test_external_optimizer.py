@@ -70,7 +70,8 @@ def test_hf_model_with_its_optimizer_state_traces_like_our_own_checkpoint(micro_
     from trackstar.lm.checkpoint import OPTIMIZER_FILE
 
     own = load_checkpoint(micro_checkpoint_dir)
-    common = ["world=micro", "method=exp3", "eval.n_queries=4", "progress=false", "logger=none",
+    # The checkpoint was pretrained on the templated micro world (conftest).
+    common = ["world=micro", "world.style=templated", "method=exp3", "eval.n_queries=4", "progress=false", "logger=none",
               f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}"]
     hf = run_cell(compose_config([*common, "model=hf", f"model.hf_name_or_path={micro_checkpoint_dir}",
                                   f"model.optimizer_state={micro_checkpoint_dir / OPTIMIZER_FILE}",

@@ -232,7 +232,7 @@ def test_bad_values_are_refused_before_any_work(tmp_path, override, match):
 
 
 def test_more_queries_than_the_world_has_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="eval.n_queries=500, but the world micro-s0 has 12 queries"):
+    with pytest.raises(ConfigError, match=r"eval.n_queries=500, but the world micro-natural-[0-9a-f]{8}-s0 has 12 queries"):
         run_cell(_cell(tmp_path, "eval.n_queries=500"))
 
 
@@ -327,7 +327,8 @@ def test_cli_errors_are_one_clear_message(tmp_path):
     # Global options after the subcommand, too.
     out = _trackstar("world", "--profile", "micro", "--artifacts", str(tmp_path / "art"))
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "art" / "worlds" / "micro-s0" / "COMPLETE").is_file()
+    world, = (tmp_path / "art" / "worlds").glob("micro-natural-*-s0")
+    assert (world / "COMPLETE").is_file() and (world / "world_card.md").is_file()
 
 
 def test_failed_run_prints_one_message_and_keeps_the_traceback_in_the_record(tmp_path):

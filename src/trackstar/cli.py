@@ -47,6 +47,7 @@ def _pretrain_config(args):
 
 
 def cmd_world(args) -> Path:
+    from .evaluation.world_card import CARD_MD, card_markdown, write_card
     from .world import build_world
     from .world.release import world_from_release
 
@@ -57,10 +58,11 @@ def cmd_world(args) -> Path:
         path = world_from_release(args.from_release, out, args.queries_per_bucket, args.seed)
         name = f"from the release in {args.from_release}"
     else:
+        style, knobs = _style(args)
         out = Path(args.out) if args.out and not _corpus(args) else world_dir(_artifacts_root(args.artifacts),
-                                                                              args.profile, args.seed)
-        path = build_world(out, args.profile, args.seed)
-        name = args.profile
+                                                                              args.profile, args.seed, style, knobs)
+        path = build_world(out, args.profile, args.seed, style, knobs)
+        name = f"{args.profile} ({style})"
     spec = _corpus(args)
     if spec is not None:
         from .experiment.stages import corpus_world_stage
@@ -69,13 +71,35 @@ def cmd_world(args) -> Path:
         path = (corpus_world(path, spec, Path(args.out)) if args.out
                 else corpus_world_stage(_artifacts_root(args.artifacts), path, spec))
         name += f" with the {spec.source} corpus {spec.name or spec.path} as its open set"
+    card = write_card(path)
     counts = read_json(path / "manifest.json")["counts"]
     print(
         f"world {name} seed={args.seed} at {path} ({time.perf_counter() - t0:.1f}s): "
         f"{counts['facts']} facts, {counts['sentences']} closed-set sentences, "
-        f"{counts['documents']} documents, {counts['queries']} queries"
+        f"{counts['documents']} documents, {counts['queries']} queries; its card ({path / CARD_MD}):\n"
     )
+    print(card_markdown(card))
     return path
+
+
+def _style(args):
+    """(style, knobs or None) of the --style and --knob arguments."""
+    from .world.profiles import natural_knobs
+
+    values = {}
+    for item in args.knob:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--knob {item!r}: write NAME=VALUE, e.g. --knob pronoun_share=0.5.")
+        try:
+            values[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"--knob {item!r}: {value!r} is not a number.") from None
+    if args.style == "templated":
+        if values:
+            raise ValueError("--knob sets the natural style's knobs; drop it or use --style natural.")
+        return "templated", None
+    return args.style, natural_knobs(values)
 
 
 def _corpus(args):
@@ -166,6 +190,7 @@ def cmd_quick(args) -> None:
     if unknown:
         raise ValueError(f"--tables: unknown {unknown}; choose from {', '.join(known)} or 'all'.")
     setting = [f"model={args.size}", f"world.profile={args.profile}", f"world.seed={args.seed}",
+               f"world.style={args.style}", *(f"world.natural.{k}" for k in args.knob),
                f"model.family={args.family}", f"model.optimizer={args.optimizer}", f"model.seed={args.model_seed}",
                *([f"model.epochs={args.epochs}"] if args.epochs is not None else [])]
     timings = {}
@@ -290,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .lm.models import FAMILIES, MODEL_SIZES
     from .lm.optim import OPTIMIZERS
     from .world import PROFILES
+    from .world.profiles import STYLES
 
     parser = argparse.ArgumentParser(prog="trackstar", description=__doc__.split("\n\n")[0])
 
@@ -309,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     def world_args(p, profile_default: str) -> None:
         p.add_argument("--profile", default=profile_default, choices=list(PROFILES), help="world size profile")
         p.add_argument("--seed", type=int, default=0, help="world seed (non-negative integer)")
+        p.add_argument("--style", default="natural", choices=list(STYLES),
+                       help="natural (facts stated as T-REx states them; default) or templated (in the query's words)")
+        p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                       help="a natural-style knob (repeatable), e.g. --knob pronoun_share=0.5 (see docs/worlds.md)")
 
     def corpus_args(p) -> None:
         g = p.add_argument_group("a real corpus as the open set and pretraining corpus (through `datasets`)")

@@ -68,11 +68,18 @@ OFF_WHEN = {"counterfactual": ("enabled", False), "corpus": ("source", None)}
 RUN_ID_GROUPS = ("world", "model", "method", "eval", "counterfactual", "corpus")
 
 
+#: World keys that only a generated natural world has: left out of the identity of
+#: templated and release worlds, so their runs keep the ids they had before styles.
+STYLE_KEYS = ("style", "natural")
+
+
 def _stable(part, group: str):
-    """``part``, the config of ``group``, as it enters a run's identity (see LATER_KEYS and
-    OFF_WHEN); None: left out entirely."""
+    """``part``, the config of ``group``, as it enters a run's identity (see LATER_KEYS,
+    STYLE_KEYS and OFF_WHEN); None: left out entirely."""
     if not isinstance(part, dict):
         return part
+    if group == "world" and (part.get("style", "templated") == "templated" or part.get("profile") == "release"):
+        part = {k: v for k, v in part.items() if k not in STYLE_KEYS}
     if group in OFF_WHEN:
         key, off = OFF_WHEN[group]
         if part.get(key, off) == off:
@@ -204,10 +211,15 @@ def validate(cfg: DictConfig):
 
 def _check_world(world_cfg) -> None:
     from ..world import get_profile
+    from ..world.profiles import NaturalKnobs, check_style, natural_knobs
     from ..world.release import FACTS_FILE, RELEASE_PROFILE
 
     if world_cfg.profile != RELEASE_PROFILE:
         get_profile(world_cfg.profile)
+        knobs = natural_knobs(_container(world_cfg.natural))
+        if check_style(world_cfg.style) == "templated" and knobs != NaturalKnobs():
+            raise ValueError("world.natural knobs apply to world.style=natural only; drop them or set "
+                             "world.style=natural.")
         return
     if OmegaConf.is_missing(world_cfg, "path") or not world_cfg.path:
         raise ValueError("world=release needs world.path=DIR, the directory of the release's trex_facts.jsonl "

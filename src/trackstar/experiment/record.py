@@ -137,6 +137,13 @@ class RunRecord:
         """``mrr``, ``mrr/ci_low`` …, ``split/<split>/<group>/<metric>[/<stat>]``."""
         return flatten_metrics(self.metrics, self.splits)
 
+    @property
+    def world_style(self) -> str:
+        """templated, natural, or release (the paper's files: no style of ours)."""
+        if self.world.get("profile") == "release":
+            return "release"
+        return self.world.get("style") or "templated"
+
     def table_row(self, run_id: str) -> dict:
         """One row of the tables' DataFrame: identity, settings, flat metrics."""
         row = {
@@ -151,6 +158,7 @@ class RunRecord:
             "git_commit": self.git_commit or UNKNOWN_COMMIT,
             "finished": self.finished,
             "world_profile": self.world.get("profile"),
+            "world_style": self.world_style,
             "world_seed": self.world.get("seed"),
             "model_size": self.model.get("size"),
             "model_seed": self.model.get("seed"),

@@ -12,6 +12,8 @@ from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from ..world.profiles import NaturalKnobs
+
 
 @dataclass
 class WorldConf:
@@ -19,6 +21,14 @@ class WorldConf:
     #: paper's release files in ``path`` (world=release world.path=DIR).
     profile: str = "tiny"
     seed: int = 0
+    #: natural (facts stated as T-REx states them: phrasings, aliases, pronouns,
+    #: distractors, a heavy tail; the suite's default) or templated (each fact in
+    #: its query's own words: the first world, where BM25 MRR is about 1).
+    #: Ignored by profile=release.
+    style: str = "natural"
+    #: The natural style's knobs (world.natural.pronoun_share=0.5, ...): see
+    #: trackstar.world.profiles.NaturalKnobs and docs/worlds.md.
+    natural: NaturalKnobs = field(default_factory=NaturalKnobs)
     #: With profile=release: the directory of trex_facts.jsonl and trex_sentences.jsonl-*.
     path: Optional[str] = None
     #: With profile=release: facts sampled per frequency bucket as queries (null: 900).

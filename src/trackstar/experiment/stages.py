@@ -28,8 +28,15 @@ def stage_lock(artifacts: Path, key: str):
         yield
 
 
-def world_dir(artifacts: Path, profile: str, seed: int) -> Path:
-    return Path(artifacts) / "worlds" / f"{profile}-s{seed}"
+def world_dir(artifacts: Path, profile: str, seed: int, style: str = "templated", knobs=None) -> Path:
+    """Where a generated world lives: ``<profile>-s<seed>`` (templated, as before styles) or
+    ``<profile>-natural-<hash of its knobs>-s<seed>``."""
+    from ..world.store import world_identity
+
+    identity = world_identity(profile, seed, style, knobs)
+    if style == "templated":
+        return Path(artifacts) / "worlds" / f"{profile}-s{seed}"
+    return Path(artifacts) / "worlds" / f"{profile}-{style}-{config_hash(identity)[:8]}-s{seed}"
 
 
 #: Queries per frequency bucket of a release world when the config leaves it unset (the paper's 5.4k / 6).
@@ -55,9 +62,13 @@ def corpus_world_stage(artifacts: Path, world: Path, spec) -> Path:
     """``world`` with the external corpus ``spec`` as its open set (built once, under a lock)."""
     from ..world.corpus import corpus_world
 
+    from ..evaluation.world_card import write_card
+
     path = Path(artifacts) / "worlds" / f"{Path(world).name}+corpus-{config_hash(spec.key())[:12]}"
     with stage_lock(artifacts, f"world-{path.name}"):
-        return corpus_world(world, spec, path)
+        corpus_world(world, spec, path)
+        write_card(path)
+    return path
 
 
 def pretrain_config(model_cfg):
@@ -77,7 +88,9 @@ def pretrain_config(model_cfg):
 def build_world_stage(artifacts: Path, world_cfg) -> Path:
     """The world of ``world_cfg``: an embedded profile, or (``profile: release``) the
     paper's release files in ``world.path``."""
+    from ..evaluation.world_card import write_card
     from ..world import build_world
+    from ..world.profiles import natural_knobs
     from ..world.release import RELEASE_PROFILE, world_from_release
 
     if world_cfg.profile == RELEASE_PROFILE:
@@ -85,10 +98,21 @@ def build_world_stage(artifacts: Path, world_cfg) -> Path:
         release = Path(world_cfg.path).expanduser()
         path = release_world_dir(artifacts, release, per_bucket, world_cfg.seed)
         with stage_lock(artifacts, f"world-{path.name}"):
-            return world_from_release(release, path, per_bucket, world_cfg.seed)
-    path = world_dir(artifacts, world_cfg.profile, world_cfg.seed)
+            world_from_release(release, path, per_bucket, world_cfg.seed)
+            write_card(path)
+        return path
+    style = world_cfg.get("style", "templated")
+    knobs = None
+    if style != "templated":
+        from omegaconf import OmegaConf
+
+        knobs = natural_knobs(OmegaConf.to_container(world_cfg.natural) if not isinstance(world_cfg.natural, dict)
+                              else world_cfg.natural)
+    path = world_dir(artifacts, world_cfg.profile, world_cfg.seed, style, knobs)
     with stage_lock(artifacts, f"world-{path.name}"):
-        return build_world(path, world_cfg.profile, world_cfg.seed)
+        build_world(path, world_cfg.profile, world_cfg.seed, style, knobs)
+        write_card(path)
+    return path
 
 
 def pretrain_stage(artifacts: Path, world: Path, model_cfg, progress: bool = True, threads: int | None = None,

@@ -233,15 +233,34 @@ def first_order_reference(paired: dict[str, PaperTable]) -> Finding:
     return Finding(claim, REFERENCE, evidence)
 
 
-def to_markdown(found: list[Finding], provenance: Sequence[str]) -> str:
+def to_markdown(judged: list[tuple[str, list[Finding]]] | list[Finding], provenance: Sequence[str]) -> str:
+    """findings.md: ``judged`` is [(label, findings)] (one column each: e.g. the natural and the
+    templated world), or one list of findings."""
+    if judged and isinstance(judged[0], Finding):
+        judged = [("verdict", judged)]
+    labels = [label for label, _ in judged]
+    by_claim: dict[str, dict[str, Finding]] = {}
+    for label, found in judged:
+        for f in found:
+            by_claim.setdefault(f.claim, {})[label] = f
     lines = ["<!--", *provenance, "-->", "", "# Findings: the paper's claims on these runs", "",
              "Each claim is judged on paired differences over the same queries (row − reference, "
              "bootstrap interval; see `<table>_paired.md`): **holds** when every comparison's interval is "
              "on the claimed side of 0, **does not hold** when one is on the other side, **inconclusive** "
-             "otherwise. Computed by `trackstar-tables`, never edited.", "",
-             "| claim | verdict |", "|---|---|"]
-    lines += [f"| {f.claim} | **{f.verdict}** |" for f in found]
-    for f in found:
-        lines += ["", f"## {f.claim}", "", f"Verdict: **{f.verdict}**", ""]
-        lines += [f"- {e}" for e in f.evidence]
+             "otherwise. Computed by `trackstar-tables`, never edited."]
+    if len(labels) > 1:
+        lines += ["", f"Each claim is judged on each set of runs ({', '.join(labels)}) on its own, side by side: "
+                  "a verdict that differs between them depends on that difference (e.g. the world's difficulty)."]
+    lines += ["", "| claim | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for claim, found in by_claim.items():
+        lines.append(f"| {claim} | " + " | ".join(f"**{found[label].verdict}**" if label in found else "—"
+                                                   for label in labels) + " |")
+    for claim, found in by_claim.items():
+        lines += ["", f"## {claim}"]
+        for label in labels:
+            if label not in found:
+                continue
+            f = found[label]
+            lines += ["", f"{label + ': ' if len(labels) > 1 else ''}Verdict: **{f.verdict}**", ""]
+            lines += [f"- {e}" for e in f.evidence]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ columns:
 - identity: ``run`` (the run directory, or ``wandb:entity/project/id``),
   ``table``, ``method``, ``method_label``, ``method_rank``, ``family``,
   ``corpus``, ``git_commit``, ``finished``;
-- setting: ``world_profile``, ``world_seed``, ``model_size``, ``model_seed``,
+- setting: ``world_profile``, ``world_style``, ``world_seed``, ``model_size``, ``model_seed``,
   ``checkpoint``, ``hf_name_or_path``, ``lam_used`` (the λ the run used), and
   the method's resolved settings as the run wrote them (for gradient rows
   ``output_fn``, ``use_v``, ``curvature``, ``unit_norm``, ``lam``,
@@ -48,6 +48,19 @@ class FailedRunsWarning(UserWarning):
 
 class StaleRecordsWarning(UserWarning):
     """Some run records are of another schema version and are left out."""
+
+
+def check_one_style(frame: pd.DataFrame, source: str) -> str:
+    """The one world style of the runs; runs of several styles are an error: a table over
+    them would pair queries of one world with another's."""
+    styles = sorted({str(s) for s in frame.get("world_style", pd.Series(["templated"] * len(frame))).fillna("templated")})
+    if len(styles) > 1:
+        counts = frame["world_style"].fillna("templated").value_counts().to_dict()
+        raise TablesError(
+            f"{source} holds runs of {len(styles)} world styles ({', '.join(f'{k}: {v} runs' for k, v in counts.items())}); "
+            "a table is of one world. Give each style its own results directory (results_dir=...) and compare "
+            "them with `trackstar-tables --results DIR --compare LABEL=OTHER_DIR`.")
+    return styles[0] if styles else "templated"
 
 
 @dataclass

