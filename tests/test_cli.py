@@ -20,6 +20,23 @@ def test_quick_builds_world_pretrains_and_reports(tmp_path, capsys):
     assert list(world.iterdir()) == models
 
 
+def test_quick_gives_its_world_style_to_every_sweep(tmp_path, monkeypatch):
+    """A sweep with a world of its own (table_c1) keeps its profile but takes quick's style and knobs."""
+    import trackstar.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "cmd_world", lambda args: tmp_path)
+    monkeypatch.setattr(cli, "cmd_pretrain", lambda args, world: None)
+    monkeypatch.setattr(cli, "_run_sweep", lambda name, overrides: calls.append((name, overrides)) or 0.0)
+    monkeypatch.setattr(cli, "_tables", lambda *a: None)
+    assert main(["--artifacts", str(tmp_path), "quick", "--style", "natural", "--knob", "pronoun_share=0.5",
+                 "--tables", "table1,table_c1"]) == 0
+    (_, table1), (_, table_c1) = calls
+    for overrides in (table1, table_c1):
+        assert "world.style=natural" in overrides and "world.natural.pronoun_share=0.5" in overrides
+    assert "world.profile=tiny" in table1 and not any(o.startswith(("world.profile", "model=")) for o in table_c1)
+
+
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert main(["--artifacts", str(tmp_path), "world", "--profile", "micro", "--seed", "-3"]) == 2
     assert "seed must be a non-negative integer" in capsys.readouterr().err

@@ -189,8 +189,9 @@ def cmd_quick(args) -> None:
     unknown = sorted(set(sweeps) - set(known))
     if unknown:
         raise ValueError(f"--tables: unknown {unknown}; choose from {', '.join(known)} or 'all'.")
-    setting = [f"model={args.size}", f"world.profile={args.profile}", f"world.seed={args.seed}",
-               f"world.style={args.style}", *(f"world.natural.{k}" for k in args.knob),
+    # The world's style and knobs reach every sweep, also those with a world of their own.
+    style = [f"world.style={args.style}", *(f"world.natural.{k}" for k in args.knob)]
+    setting = [f"model={args.size}", f"world.profile={args.profile}", f"world.seed={args.seed}", *style,
                f"model.family={args.family}", f"model.optimizer={args.optimizer}", f"model.seed={args.model_seed}",
                *([f"model.epochs={args.epochs}"] if args.epochs is not None else [])]
     timings = {}
@@ -198,7 +199,7 @@ def cmd_quick(args) -> None:
         # Quick's world and model, but never over what the sweep itself sweeps (figure2_scale's
         # model, table1_seeds' model.seed); the sweeps with a setting of their own keep it.
         swept = swept_keys(name)
-        own = [o for o in setting if o.split("=", 1)[0] not in swept] if name not in OWN_SETTING else []
+        own = [o for o in (setting if name not in OWN_SETTING else style) if o.split("=", 1)[0] not in swept]
         timings[name] = _run_sweep(name, [f"artifacts_dir={root}", f"results_dir={args.results}", *own,
                                           f"device={args.device}", *args.override])
     if sweeps:
