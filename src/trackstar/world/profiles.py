@@ -74,7 +74,8 @@ class NaturalKnobs:
     #: (a surname, "the city").
     short_form_share: float = 0.2
     #: Share of an abstract's later subject mentions written as a pronoun, where
-    #: the phrasing opens with the subject ("She grew up in Y").
+    #: the phrasing opens with the subject ("She grew up in Y"); where it does
+    #: not, that share takes the short form instead (the card counts each form).
     pronoun_share: float = 0.25
     #: Distractors per fact that share its subject and relation words ("X's
     #: brother was born in Z"), mean.
