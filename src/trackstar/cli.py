@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("world", parents=[common], help="build (or reuse) an embedded fact world, or one from the paper's release")
     world_args(p, "tiny")
-    p.add_argument("--out", help="output directory (default ARTIFACTS/worlds/PROFILE-sSEED)")
+    p.add_argument("--out", help="output directory (default ARTIFACTS/worlds/PROFILE-natural-KNOBHASH-sSEED, or PROFILE-sSEED when templated)")
     p.add_argument("--from-release", metavar="DIR",
                    help="the release's trex_facts.jsonl and trex_sentences.jsonl-* in DIR, as a world (--profile is ignored)")
     p.add_argument("--queries-per-bucket", type=int, default=900,
