@@ -84,7 +84,7 @@ def cmd_world(args) -> Path:
 
 def _style(args):
     """(style, knobs or None) of the --style and --knob arguments."""
-    from .world.profiles import natural_knobs
+    from .world.profiles import style_knobs
 
     values = {}
     for item in args.knob:
@@ -95,11 +95,7 @@ def _style(args):
             values[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
         except ValueError:
             raise ValueError(f"--knob {item!r}: {value!r} is not a number.") from None
-    if args.style == "templated":
-        if values:
-            raise ValueError("--knob sets the natural style's knobs; drop it or use --style natural.")
-        return "templated", None
-    return args.style, natural_knobs(values)
+    return args.style, style_knobs(args.style, values or None)
 
 
 def _corpus(args):

@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text, read_json
+from ..world.annotate import contains_phrase
 from ..world.release import frequency_bucket
 
 from ..world.store import CARD_FILES
@@ -62,10 +63,6 @@ def content_words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3 and w not in _STOPWORDS}
 
 
-def _contains(text: str, phrase: str) -> bool:
-    return re.search(r"(?<![a-z0-9])" + re.escape(phrase.lower()) + r"(?![a-z0-9])", text.lower()) is not None
-
-
 def bm25_closed_set(sentences: list[dict], queries: list[dict]) -> dict:
     """Closed-set BM25 MRR and recall@10 over the queries with a gold sentence (Table 1's BM25 row)."""
     from ..baselines.bm25 import bm25_topk
@@ -85,6 +82,9 @@ def bm25_closed_set(sentences: list[dict], queries: list[dict]) -> dict:
 def measure(facts: list[dict], sentences: list[dict], documents: int, queries: list[dict]) -> dict:
     """The card's figures from release-schema records (see the module doc)."""
     by_id = {f["fact_id"]: f for f in facts}
+    # A prompt's content words, less the subject's own name.
+    prompt_words = {f["fact_id"]: set().union(*(content_words(f[p]) for p in ("prompt0", "prompt1", "prompt2")))
+                    - content_words(f["entity0"]) for f in facts}
     gold_count: Counter = Counter()
     with_name = with_prompt_word = n_gold = 0
     for s in sentences:
@@ -94,10 +94,8 @@ def measure(facts: list[dict], sentences: list[dict], documents: int, queries: l
             f = by_id[fid]
             gold_count[fid] += 1
             n_gold += 1
-            with_name += _contains(s["text"], f["entity0"])
-            prompt_words = set().union(*(content_words(f[p]) for p in ("prompt0", "prompt1", "prompt2")))
-            prompt_words -= content_words(f["entity0"])
-            with_prompt_word += bool(prompt_words & content_words(s["text"]))
+            with_name += contains_phrase(s["text"].lower(), f["entity0"].lower())
+            with_prompt_word += bool(prompt_words[fid] & content_words(s["text"]))
     hist = Counter()
     for f in facts:
         n = gold_count[f["fact_id"]]

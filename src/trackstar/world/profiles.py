@@ -141,6 +141,21 @@ def natural_knobs(values: dict | None) -> NaturalKnobs:
     return NaturalKnobs(**values)
 
 
+def style_knobs(style: str, knobs=None) -> NaturalKnobs | None:
+    """The knobs a world of ``style`` is built with: for ``natural``, ``knobs`` (knobs, a
+    mapping, or None for the defaults); for ``templated``, None, refusing knobs moved
+    from their defaults (they would be silently ignored)."""
+    check_style(style)
+    if knobs is not None and not isinstance(knobs, NaturalKnobs):
+        knobs = natural_knobs(knobs)
+    if style == "natural":
+        return knobs or NaturalKnobs()
+    if knobs is not None and knobs != NaturalKnobs():
+        raise ValueError("world.natural knobs apply to world.style=natural only; drop them or set "
+                         "world.style=natural.")
+    return None
+
+
 def check_style(style: str) -> str:
     if style not in STYLES:
         raise ValueError(f"world.style={style!r} is not a world style: choose one of {', '.join(STYLES)}.")

@@ -32,7 +32,7 @@ from ..io import (
     write_jsonl,
 )
 from .generate import GENERATOR_VERSION, N_BUCKETS, fact_record, generate_world
-from .profiles import NaturalKnobs, check_style, get_profile, natural_knobs
+from .profiles import get_profile, style_knobs
 from .schema import validate_records
 
 MANIFEST = "manifest.json"
@@ -117,14 +117,11 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 def world_identity(profile: str, seed: int, style: str = "templated", knobs=None) -> dict:
     """What a generated world is a function of, as its manifest records it."""
-    check_style(style)
-    if style == "templated":
-        if knobs is not None:
-            raise ValueError("world.natural knobs apply to world.style=natural only; drop them or set the style.")
+    knobs = style_knobs(style, knobs)
+    if knobs is None:
         return {"seed": seed, "profile": profile, "generator_version": GENERATOR_VERSION}
     from .natural import NATURAL_VERSION
 
-    knobs = knobs if isinstance(knobs, NaturalKnobs) else natural_knobs(knobs)
     return {"seed": seed, "profile": profile, "generator_version": GENERATOR_VERSION, "style": style,
             "natural_version": NATURAL_VERSION, "knobs": knobs.to_dict()}
 
@@ -138,6 +135,7 @@ def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0
     """
     check_seed(seed)
     prof = get_profile(profile)
+    knobs = style_knobs(style, knobs)
     identity = world_identity(profile, seed, style, knobs)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir.parent, "World output directory's parent")
@@ -159,7 +157,7 @@ def build_world(out_dir: str | os.PathLike, profile: str = "tiny", seed: int = 0
         # A generated world is a function of its identity: rebuilding a damaged one is safe.
         if discard_if_damaged(out_dir, "World directory"):
             return out_dir
-    world = generate_world(prof, seed, style, None if style == "templated" else NaturalKnobs(**identity["knobs"]))
+    world = generate_world(prof, seed, style, knobs)
     with atomic_directory(out_dir) as tmp:
         write_world(world, tmp)
     return out_dir
