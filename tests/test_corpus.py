@@ -78,7 +78,7 @@ def test_a_corpus_world_is_judged_and_written_once(micro_world, files, tmp_path)
 
 def test_a_sweep_cell_and_pretraining_take_the_corpus(files, tmp_path):
     from trackstar.cli import main
-    from trackstar.experiment.cell import ConfigError, compose_config, run_cell, validate
+    from trackstar.experiment import ConfigError, compose_config, run_cell, validate
 
     # The corpus files hold the templated micro world's documents.
     common = ["world=micro", "world.style=templated", "model=micro", "eval=open", "method=bm25", "progress=false", "logger=none",

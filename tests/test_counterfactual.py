@@ -204,8 +204,9 @@ def test_retrain_stage_takes_free_work_first_and_reuses_what_others_did(tmp_path
 
     from filelock import FileLock
 
-    import trackstar.lm.retrain as retrain_module
-    from trackstar.experiment.stages import retrain_key, retrain_stage
+    import trackstar.experiment.stages as stages  # the retrain the stage calls
+    from trackstar.experiment.ids import retrain_key
+    from trackstar.experiment.stages import retrain_stage
     from trackstar.io import atomic_write_json_checked
 
     run = tmp_path / "models" / "run"
@@ -213,7 +214,7 @@ def test_retrain_stage_takes_free_work_first_and_reuses_what_others_did(tmp_path
     (run / "pretrain.json").write_text(json.dumps({"run_key": "k"}))
     masks = [np.arange(6) != i for i in range(3)]
     calls = []
-    monkeypatch.setattr(retrain_module, "retrain",
+    monkeypatch.setattr(stages, "retrain",
                         lambda run_dir, world, keep, device=None: calls.append(int(np.flatnonzero(~keep)[0]))
                         or {"status": "finished", "target_logprob": {"Q": -float(np.flatnonzero(~keep)[0])}})
     key0 = retrain_key(run, masks[0])
@@ -247,16 +248,16 @@ def test_retrain_stage_takes_free_work_first_and_reuses_what_others_did(tmp_path
     ("eval.k=5", "counterfactual.k=10"),
 ])
 def test_counterfactual_config_errors_before_any_work(override, match):
-    from trackstar.experiment.cell import compose_config
-    from trackstar.experiment.cell import ConfigError, validate
+    from trackstar.experiment import compose_config
+    from trackstar.experiment import ConfigError, validate
 
     with pytest.raises(ConfigError, match=match):
         validate(compose_config(["experiment=table_c1", "method=bm25", "eval.tail_patch_ks=[1]", override]))
 
 
 def test_a_method_that_cannot_score_every_passage_is_refused():
-    from trackstar.experiment.cell import compose_config
-    from trackstar.experiment.cell import ConfigError, validate
+    from trackstar.experiment import compose_config
+    from trackstar.experiment import ConfigError, validate
     from trackstar.retrieval import Retriever, register, unregister
 
     class TopOnly(Retriever):
@@ -275,7 +276,7 @@ def test_a_method_that_cannot_score_every_passage_is_refused():
 
 def test_counterfactual_cell_end_to_end(tmp_path):
     """Two methods of the sweep share every retrain but their own leave-top-k-out ones."""
-    from trackstar.experiment.cell import compose_config, run_cell
+    from trackstar.experiment import compose_config, run_cell
     from trackstar.tables import TABLES, load_local_runs
 
     common = ["experiment=table_c1", f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}",

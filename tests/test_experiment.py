@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from trackstar.experiment.cell import ConfigError, validate
+from trackstar.experiment import ConfigError, validate
 from trackstar.sweeps import OPTIONAL_SWEEPS, SWEEPS_DIR, sweep_names
 from trackstar.tables.aggregate import SOURCES
 

@@ -66,7 +66,7 @@ def test_state_of_another_model_names_the_parameter_and_both_shapes(micro_checkp
 def test_hf_model_with_its_optimizer_state_traces_like_our_own_checkpoint(micro_checkpoint_dir, tmp_path):
     """Our micro checkpoint loaded as a plain HF model plus its optimizer file gives our checkpoint's
     proponents, scores and tail-patch: V is exact and tail-patch steps from the same state."""
-    from trackstar.experiment.cell import ConfigError, compose_config, run_cell, validate
+    from trackstar.experiment import ConfigError, compose_config, run_cell, validate
     from trackstar.lm.checkpoint import OPTIMIZER_FILE
 
     own = load_checkpoint(micro_checkpoint_dir)

@@ -67,7 +67,7 @@ def test_a_model_without_an_entailment_label_is_refused(tmp_path):
 
 
 def test_an_open_set_cell_judged_by_nli(nli_model, tmp_path):
-    from trackstar.experiment.cell import ConfigError, compose_config, run_cell, validate
+    from trackstar.experiment import ConfigError, compose_config, run_cell, validate
 
     common = ["world=micro", "model=micro", "eval=open", "method=bm25", "progress=false", "logger=none",
               "eval.tail_patch=false", f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}"]

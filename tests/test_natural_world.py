@@ -3,7 +3,6 @@
 import json
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import bm25s
 import numpy as np
@@ -12,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from trackstar.evaluation.world_card import (KNOB_EFFECT_SEEDS, bm25_closed_set, card_markdown, content_words,
                                              knob_effects, write_card)
-from trackstar.experiment.cell import ConfigError, default_run_dir, validate
+from trackstar.experiment import ConfigError, validate
 from trackstar.sweeps import SWEEPS_DIR
 from trackstar.world import build_world, load_world
 from trackstar.world.corpus import ExactJudge
@@ -81,7 +80,7 @@ def test_aliases_are_written_to_the_release_fields_and_used(natural_micro):
 def test_pronoun_sentence_is_correct_for_the_exact_judge_and_missed_by_bm25(natural_tiny):
     """A pronoun-only gold sentence is labelled with its fact, and BM25 ranks it below
     sentences that share the query's words."""
-    from trackstar.baselines.bm25 import bm25_topk
+    from trackstar.retrieval.bm25 import bm25_topk
     from trackstar.retrieval.records import Corpus, query_text, retrieval_record
 
     world = natural_tiny
@@ -169,20 +168,6 @@ def test_bad_world_config_fails_before_any_work(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
     assert not any(tmp_path.iterdir())
-
-
-def test_templated_runs_keep_their_committed_ids():
-    """The committed tables' runs (templated world) keep their ids now that natural is the default."""
-    provenance = json.loads((Path(__file__).parents[1] / "paper_tables" / "templated" / "table1.provenance.json")
-                            .read_text())
-    committed = {r.rsplit("/", 1)[-1] for r in provenance["runs"]}
-    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
-        for method in ("bm25", "trackstar"):
-            base = ["hydra.searchpath=[pkg://trackstar.conf]", f"method={method}"]
-            old = compose(config_name="table1", overrides=[*base, "world.style=templated"])
-            new = compose(config_name="table1", overrides=base)
-            assert default_run_dir(old).name in committed
-            assert default_run_dir(new).name not in committed
 
 
 def test_world_card_figures_are_recomputed_from_the_files(natural_micro):

@@ -61,7 +61,7 @@ def test_a_missing_field_names_the_file_and_line(tmp_path):
 
 def test_every_sweep_takes_a_release_world(tmp_path):
     """world=release world.path=DIR: our model pretrains on its abstracts; both corpora are scored."""
-    from trackstar.experiment.cell import ConfigError, compose_config, run_cell, validate
+    from trackstar.experiment import ConfigError, compose_config, run_cell, validate
 
     common = ["world=release", f"world.path={RELEASE}", "world.queries_per_bucket=1", "model=micro",
               f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}", "progress=false",

@@ -17,6 +17,7 @@ reuses what is finished and resumes what was killed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -24,10 +25,35 @@ import sys
 import time
 from pathlib import Path
 
-from .experiment.stages import model_dir, pretrain_config, release_world_dir, stage_lock, world_dir
+from types import SimpleNamespace
+
 from .errors import debug_requested, describe_error
-from .io import ArtifactError, read_json
+from .evaluation.metrics import RETRIEVAL_METRICS, score_retrievals
+from .evaluation.splits import summarize
+from .evaluation.world_card import CARD_MD, card_markdown, write_card
+from .experiment.cell import run_cell
+from .experiment.compose import compose_config
+from .experiment.ids import model_dir, release_world_dir, world_dir
+from .experiment.sanity import sanity_report
+from .experiment.schema import ModelConf
+from .experiment.settings import pretrain_config
+from .experiment.shard import shard_job
+from .experiment.stages import corpus_world_stage, stage_lock
+from .io import ArtifactError, read_json, read_jsonl
+from .lm import final_checkpoint, load_checkpoint
+from .lm.evaluate import QUERY_EVAL_FILE, accuracy_by_bucket
+from .lm.models import FAMILIES, MODEL_SIZES
+from .lm.optim import OPTIMIZERS
+from .lm.pretrain import pretrain_model
+from .retrieval import label_retrievals
 from .runtime import compute_stage
+from .sweeps import OWN_SETTING, SWEEPS_DIR, sweep_names, swept_keys
+from .tables.cli import main as tables_main
+from .world import PROFILES, build_world, load_world
+from .world.corpus import JUDGES as CORPUS_JUDGES
+from .world.corpus import SOURCES, CorpusSpec, corpus_world
+from .world.profiles import STYLES, style_knobs
+from .world.release import world_from_release
 
 
 def _artifacts_root(value: str | None) -> Path:
@@ -36,10 +62,6 @@ def _artifacts_root(value: str | None) -> Path:
 
 def _pretrain_config(args):
     """The same PretrainConfig the Hydra runs build, so both share one model directory."""
-    from types import SimpleNamespace
-
-    from .experiment.schema import ModelConf
-
     return pretrain_config(SimpleNamespace(
         family=args.family, size=args.size, optimizer=args.optimizer, seed=args.model_seed,
         epochs=args.epochs, checkpoint_fractions=ModelConf().checkpoint_fractions,
@@ -47,10 +69,6 @@ def _pretrain_config(args):
 
 
 def cmd_world(args) -> Path:
-    from .evaluation.world_card import CARD_MD, card_markdown, write_card
-    from .world import build_world
-    from .world.release import world_from_release
-
     t0 = time.perf_counter()
     if getattr(args, "from_release", None):
         out = Path(args.out) if args.out and not _corpus(args) else release_world_dir(_artifacts_root(args.artifacts), args.from_release,
@@ -65,8 +83,6 @@ def cmd_world(args) -> Path:
         name = f"{args.profile} ({style})"
     spec = _corpus(args)
     if spec is not None:
-        from .experiment.stages import corpus_world_stage
-        from .world.corpus import corpus_world
 
         path = (corpus_world(path, spec, Path(args.out)) if args.out
                 else corpus_world_stage(_artifacts_root(args.artifacts), path, spec))
@@ -84,8 +100,6 @@ def cmd_world(args) -> Path:
 
 def _style(args):
     """(style, knobs or None) of the --style and --knob arguments."""
-    from .world.profiles import style_knobs
-
     values = {}
     for item in args.knob:
         name, sep, value = item.partition("=")
@@ -99,24 +113,28 @@ def _style(args):
 
 
 def _corpus(args):
-    """The --corpus-* arguments as a CorpusSpec, or None without --corpus-source."""
-    from .world.corpus import CorpusSpec
-
+    """The --corpus-* arguments as a CorpusSpec (keyword by keyword, from its own
+    fields: see :func:`corpus_flags`), or None without --corpus-source."""
     if not getattr(args, "corpus_source", None):
         return None
-    return CorpusSpec(args.corpus_source, args.corpus_path, args.corpus_name, args.corpus_config, args.corpus_split,
-                      args.text_field, args.max_docs, args.streaming, args.passage_words)
+    return CorpusSpec(**{f.name: getattr(args, dest) for f, _, dest in corpus_flags()})
+
+
+def corpus_flags() -> list[tuple]:
+    """(CorpusSpec field, its flag, its argparse dest) for every corpus setting."""
+    flags = []
+    for f in dataclasses.fields(CorpusSpec):
+        flag = f.metadata.get("flag") or f"--corpus-{f.name.replace('_', '-')}"
+        flags.append((f, flag, flag.lstrip("-").replace("-", "_")))
+    return flags
 
 
 def cmd_pretrain(args, world: Path | None = None) -> Path:
-    from .lm.pretrain import final_checkpoint, pretrain_model
-
     world = Path(world or args.world)
     if not (world / "manifest.json").is_file():
         raise ArtifactError(f"--world {str(world)!r} is not a built world. Build one with `trackstar world`.")
     spec = _corpus(args)
     if spec is not None:  # pretrain on the corpus: the world with it as its open set
-        from .experiment.stages import corpus_world_stage
 
         world = corpus_world_stage(_artifacts_root(args.artifacts), world, spec)
     config = _pretrain_config(args)
@@ -136,9 +154,6 @@ def cmd_pretrain(args, world: Path | None = None) -> Path:
 
 
 def report_accuracy(checkpoint: Path) -> None:
-    from .io import read_jsonl
-    from .lm.evaluate import QUERY_EVAL_FILE, accuracy_by_bucket
-
     table = accuracy_by_bucket(read_jsonl(checkpoint / QUERY_EVAL_FILE))
     print(f"\nfact accuracy (greedy decoding reproduces the target) per frequency bucket, {checkpoint.name}:")
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
@@ -147,7 +162,6 @@ def report_accuracy(checkpoint: Path) -> None:
 def _run_sweep(name: str, overrides: list[str]) -> float:
     """One sweep of sweeps/ as a Hydra multirun in a child process; its wall time in seconds.
     A failed job is recorded by the sweep and does not stop the next sweep."""
-    from .sweeps import SWEEPS_DIR
 
     cmd = [sys.executable, "-m", "trackstar.experiment.run", "-m", "--config-dir", str(SWEEPS_DIR), "--config-name", name,
            *overrides]
@@ -161,8 +175,6 @@ def _run_sweep(name: str, overrides: list[str]) -> float:
 
 
 def _tables(results: str, paper_tables: str, timings: dict, t0: float, what: str) -> None:
-    from .tables.cli import main as tables_main
-
     print()
     rc = tables_main(["--results", str(results), "--out", str(paper_tables)])
     print("\nwall time per sweep (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
@@ -173,8 +185,6 @@ def _tables(results: str, paper_tables: str, timings: dict, t0: float, what: str
 
 def cmd_quick(args) -> None:
     """World, model, then every table's sweep (quick setting), then the tables themselves."""
-    from .sweeps import OWN_SETTING, swept_keys, sweep_names
-
     args.out = None
     t0 = time.perf_counter()
     world = cmd_world(args)
@@ -207,8 +217,8 @@ def cmd_quick(args) -> None:
 #: longest, last: medium dominates it).
 SCALE_STUDY = (("table1", ("regime=paper",)), ("table_a5", ("regime=paper",)), ("scale_study", ()))
 #: ``--full-world``: the same in the paper's regime on the full world (154,676
-#: documents), Figure 2 for the sizes a 2-core machine pretrains there in about an hour each
-#: (micro 7 min, tiny 27, small 64).
+#: documents), Figure 2 for the sizes that pretrain there within hours on a few cores
+#: (docs/scale_study.md has the measured times).
 SCALE_STUDY_FULL = (("table1", ("regime=paper_full",)), ("table_a5", ("regime=paper_full",)),
                     ("figure2_scale", ("regime=paper_full",)))
 FULL_WORLD_SIZES = "micro,tiny,small"
@@ -216,8 +226,6 @@ FULL_WORLD_SIZES = "micro,tiny,small"
 
 def scale_study_plan(full_world: bool, sizes: str | None) -> list[tuple[str, tuple[str, ...]]]:
     """The sweeps ``trackstar scale-study`` runs, in order, with their overrides."""
-    from .lm.models import MODEL_SIZES
-
     if sizes is not None:
         given = [s.strip() for s in sizes.split(",")]
         unknown = sorted(set(given) - set(MODEL_SIZES))
@@ -249,10 +257,6 @@ def cmd_scale_study(args) -> None:
 
 
 def cmd_sanity(args) -> None:
-    from .experiment.sanity import sanity_report
-    from .lm import final_checkpoint, load_checkpoint
-    from .world import load_world
-
     args.out = None
     world = cmd_world(args)
     run = cmd_pretrain(args, world)
@@ -264,8 +268,6 @@ def cmd_sanity(args) -> None:
 
 def cmd_run(args) -> None:
     """One cell (world, model, method, corpus) through the same function as trackstar-run."""
-    from .experiment.cell import compose_config, run_cell, shard_job
-
     overrides = list(args.override)
     if args.artifacts:
         overrides.append(f"artifacts_dir={args.artifacts}")
@@ -282,13 +284,8 @@ def cmd_run(args) -> None:
 
 def cmd_score(args) -> None:
     """Score release-schema retrieval files: ours, or the paper's released ones."""
-    from .evaluation.metrics import RETRIEVAL_METRICS, score_retrievals
-    from .evaluation.splits import summarize
-    from .io import read_jsonl
-
     world = None
     if args.world:
-        from .world import load_world
 
         world = load_world(args.world)
     for path in args.files:
@@ -297,7 +294,6 @@ def cmd_score(args) -> None:
             raise ArtifactError(f"{path!r} holds no retrieval records (it is empty). Give a JSONL file with "
                                 "one release-schema record per query.")
         if world is not None:
-            from .retrieval import label_retrievals
 
             records = label_retrievals(records, world, args.corpus, source=path)
         per_query = score_retrievals(records, source=path)
@@ -309,11 +305,6 @@ def cmd_score(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .lm.models import FAMILIES, MODEL_SIZES
-    from .lm.optim import OPTIMIZERS
-    from .world import PROFILES
-    from .world.profiles import STYLES
-
     parser = argparse.ArgumentParser(prog="trackstar", description=__doc__.split("\n\n")[0])
 
     def global_args(p, default) -> None:
@@ -339,22 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     def corpus_args(p) -> None:
         g = p.add_argument_group("a real corpus as the open set and pretraining corpus (through `datasets`)")
-        g.add_argument("--corpus-source", choices=["hf", "jsonl", "parquet"],
-                       help="hf: a hub dataset (--corpus-name) or a save_to_disk directory (--corpus-path)")
-        g.add_argument("--corpus-path", help="jsonl / parquet file or glob, or a save_to_disk directory")
-        g.add_argument("--corpus-name", help="hub dataset name, e.g. allenai/c4 (needs a network)")
-        g.add_argument("--corpus-config", help="hub dataset config, e.g. en")
-        g.add_argument("--corpus-split", default="train")
-        g.add_argument("--text-field", default="text", help="the field holding each document's text")
-        g.add_argument("--max-docs", type=int, help="at most this many documents")
-        g.add_argument("--streaming", action="store_true", help="stream the dataset (C4-sized corpora)")
-        g.add_argument("--passage-words", type=int, default=96, help="words per passage (default 96)")
+        for f, flag, _ in corpus_flags():
+            if f.type in ("bool", bool):
+                g.add_argument(flag, action="store_true", help=f.metadata["help"])
+                continue
+            kind = {"int | None": int, "int": int}.get(f.type, str)
+            choices = {"source": list(SOURCES), "judge": list(CORPUS_JUDGES)}.get(f.name)
+            default = f"; default {f.default}" if f.default not in (None, False) else ""
+            g.add_argument(flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"] + default)
 
     def model_args(p, size_default: str) -> None:
         p.add_argument("--size", default=size_default, choices=list(MODEL_SIZES), help="model size preset")
-        p.add_argument("--family", default="gpt2", choices=list(FAMILIES), help="model family")
-        p.add_argument("--optimizer", default="adafactor", choices=list(OPTIMIZERS))
-        p.add_argument("--model-seed", type=int, default=0, help="model initialization and data-order seed")
+        model = ModelConf()  # the run config's defaults: one home for each
+        p.add_argument("--family", default=model.family, choices=list(FAMILIES), help="model family")
+        p.add_argument("--optimizer", default=model.optimizer, choices=list(OPTIMIZERS))
+        p.add_argument("--model-seed", type=int, default=model.seed, help="model initialization and data-order seed")
         p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
         p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 
@@ -387,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scale-study", parents=[common],
                        help="Figure 2 at every model size in two training regimes, Table 1 and the λ grid in the paper's "
-                            "(hours on 2 cores; resumable)")
+                            "(hours; resumable)")
     p.add_argument("--full-world", action="store_true",
                    help="the paper's regime on the full world (154,676 documents): Table 1, the λ grid and Figure 2 "
                         f"for --sizes (default {FULL_WORLD_SIZES}); results/paper_full and paper_tables/paper_full")

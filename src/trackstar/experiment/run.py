@@ -16,13 +16,23 @@ import logging
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ..errors import debug_requested, describe_error
-from .cell import ConfigError, run_cell, shard_job
+from .cell import run_cell
+from .compose import register
 from .record import ATTEMPTS_DIR
+from .shard import shard_job
+from .validation import ConfigError
+
+
+# The schema and resolvers the config files name. At import, not in main(): the
+# joblib and submitit launchers' workers import this module to unpickle the job
+# function, then resolve the same config (its run directory names ts_run_id).
+register()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -54,8 +64,6 @@ def job_device(job_num: int) -> str:
     """``auto`` for job ``job_num`` of a multirun: with several GPUs visible, job n takes
     GPU n mod count (parallel jobs on one machine each get their own); else ``auto``.
     Under SLURM each job sees only the GPU it was given, so this is ``cuda:0`` there."""
-    import torch
-
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return f"cuda:{job_num % count}" if count > 1 else "auto"
 

@@ -7,11 +7,14 @@ wrong type before any work starts (OmegaConf struct mode on dataclasses).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from ..evaluation.counterfactual import CounterfactualSettings
+from ..world.corpus import CorpusSpec
 from ..world.profiles import NaturalKnobs
 
 
@@ -136,43 +139,24 @@ class ShardConf:
     step: str = "extract"
 
 
-@dataclass
-class CounterfactualConf:
-    #: LDS and leave-top-k-out by retraining our own model from scratch
-    #: (SPEC §2.5, Table C.1). Needs eval=open (the training corpus) and
-    #: model.checkpoint=1.0; every retrain is cached and shared by all methods.
-    enabled: bool = False
-    #: M, the random subsets retrained for LDS (at least 5).
-    subsets: int = 32
-    #: Share of the corpus each subset keeps, in (0, 1).
-    subset_fraction: float = 0.5
-    #: Seeds the subsets, the leave-out query sample and the random removals.
-    seed: int = 0
-    #: Passages left out per query: its top k proponents, or k random ones.
-    k: int = 10
-    #: Queries that get leave-top-k-out retrains (a seeded sample; null: all).
-    loo_queries: Optional[int] = None
+def _group_of(settings_cls, name: str, first: tuple = ()) -> type:
+    """A config group with exactly the fields (names, types, defaults) of the library's
+    ``settings_cls``, after the group's own ``first`` fields: each setting is declared
+    once, where the library uses it."""
+    fields = [*first, *((f.name, f.type, field(default=f.default)) for f in dataclasses.fields(settings_cls))]
+    return dataclasses.make_dataclass(name, fields)
 
 
-@dataclass
-class CorpusConf:
-    #: null: the world's own open set. hf (a hub dataset by name, or a
-    #: save_to_disk directory by path), jsonl or parquet (files by path, globs
-    #: allowed): a real corpus as the open set and our models' pretraining corpus.
-    source: Optional[str] = None
-    path: Optional[str] = None
-    name: Optional[str] = None
-    config: Optional[str] = None
-    split: str = "train"
-    text_field: str = "text"
-    #: At most this many documents (null: all).
-    max_docs: Optional[int] = None
-    #: Stream the dataset instead of materializing it (C4-sized corpora).
-    streaming: bool = False
-    #: Words per passage (about the 128-token context of our models).
-    passage_words: int = 96
-    #: Which facts a passage states: exact (the embedded world's phrasings).
-    judge: str = "exact"
+#: LDS and leave-top-k-out by retraining our own model from scratch (SPEC §2.5,
+#: Table C.1): ``enabled`` and every field of
+#: :class:`~trackstar.evaluation.counterfactual.CounterfactualSettings`. Needs
+#: eval=open (the training corpus) and model.checkpoint=1.0; every retrain is
+#: cached and shared by all methods.
+CounterfactualConf = _group_of(CounterfactualSettings, "CounterfactualConf", (("enabled", bool, field(default=False)),))
+
+#: A real corpus as the open set and our models' pretraining corpus: every field of
+#: :class:`~trackstar.world.corpus.CorpusSpec` (source unset: the world's own open set).
+CorpusConf = _group_of(CorpusSpec, "CorpusConf")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ..identity import stable
 from .records import Corpus, retrieval_record
 from .registry import RetrievalTask, Retriever, register, sum_row_chunks
 
@@ -62,11 +63,9 @@ class GradientRetriever(Retriever):
 
     @property
     def settings(self) -> dict:
-        # k is the stage's (eval.k), not the method's; the default split (whose layout is the
-        # strict rule's wherever that one works) is left out so earlier cache keys stay valid.
-        # train_side likewise (it is new), at its default.
-        return {k: v for k, v in dataclasses.asdict(self.attribution).items()
-                if k != "k" and not (k == "split" and v == "balanced") and not (k == "train_side" and v == "features")}
+        # k is the stage's (eval.k), not the method's; settings added later enter the
+        # key only away from their earlier value (trackstar.identity).
+        return stable("retriever.gradient", {k: v for k, v in dataclasses.asdict(self.attribution).items() if k != "k"})
 
     def check_model(self, model) -> None:
         """Refuse settings the model's shape cannot take (the split of d), before any work."""

@@ -209,8 +209,8 @@ def retrieve(
 ) -> tuple[list[dict], dict]:
     """Top-``k`` proponents of each query under method ``name``, as release-schema records."""
     retriever = get_retriever(name, options, corpus)
-    task = RetrievalTask(world, corpus, list(world.queries if queries is None else queries), k, checkpoint,
-                         Path(work_dir) if work_dir is not None else None)
+    task = RetrievalTask(world=world, corpus=corpus, queries=list(world.queries if queries is None else queries), k=k,
+                         checkpoint=checkpoint, work_dir=Path(work_dir) if work_dir is not None else None)
     return run(retriever, task)
 
 

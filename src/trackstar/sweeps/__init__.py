@@ -4,13 +4,32 @@ from pathlib import Path
 
 SWEEPS_DIR = Path(__file__).parent
 
+#: Table 1's method rows, in the paper's order: every gradient row and baseline.
+TABLE1_ROWS = ("bm25", "dense", "grad_dot", "grad_cosine", "trak", "exp1", "exp2", "exp3", "exp4", "exp5", "trackstar")
+
+#: The method lists sweep files share, by name: a sweep's axis is ``method: ${ts_rows:NAME}``.
+METHOD_ROWS = {
+    # Table 1 and the tables that repeat its rows, with the first-order tail-patch reference.
+    "table1": (*TABLE1_ROWS, "first_order"),
+    # Table C.1 (LDS needs every passage scored): Table 1's rows and the random control.
+    "table1_counterfactual": (*TABLE1_ROWS, "random"),
+}
+
+
+def method_rows(name: str) -> tuple[str, ...]:
+    """The shared method list ``name`` (see :data:`METHOD_ROWS`)."""
+    if name not in METHOD_ROWS:
+        raise ValueError(f"${{ts_rows:{name}}}: no such method list; use one of {sorted(METHOD_ROWS)}.")
+    return METHOD_ROWS[name]
+
+
 #: Sweeps the quick reproduction runs only when asked (``--tables``), because
 #: they cost more than its budget; their world and model are part of the sweep,
 #: so quick does not override them. Name -> why.
 OPTIONAL_SWEEPS = {
-    "table_c1": "counterfactual validation: 159 retrains of the micro model (4–5 min on 2 cores)",
-    "scale_study": "Figure 2 at every model size in two training regimes: hours on 2 cores (`trackstar scale-study`)",
-    "table1_seeds": "Table 1 over model seeds 1 and 2 (seed 0 is table1's): about 6 minutes on 2 cores",
+    "table_c1": "counterfactual validation: 159 retrains of the micro model",
+    "scale_study": "Figure 2 at every model size in two training regimes (`trackstar scale-study`)",
+    "table1_seeds": "Table 1 over model seeds 1 and 2 (seed 0 is table1's): 24 more runs",
 }
 
 

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..io import (
@@ -46,18 +46,34 @@ class CorpusError(ValueError):
     """A corpus that cannot be read as configured."""
 
 
+def _setting(default, help: str, flag: str | None = None):
+    """A corpus setting: its default, what it means (the CLI's help and the config's
+    documentation), and its CLI flag when that is not ``--corpus-<name>``."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass(frozen=True)
 class CorpusSpec:
-    source: str
-    path: str | None = None
-    name: str | None = None
-    config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    max_docs: int | None = None
-    streaming: bool = False
-    passage_words: int = 96
-    judge: str = "exact"
+    """A real corpus as the open set and our models' pretraining corpus.
+
+    The one home of the corpus settings: the run config's ``corpus`` group
+    (``experiment/schema.py``) and the CLI's ``--corpus-*`` flags are derived
+    from these fields.
+    """
+
+    source: str | None = _setting(None, "hf (a hub dataset by name, or a save_to_disk directory by path), jsonl or "
+                                  "parquet (files by path, globs allowed); unset: the world's own open set")
+    path: str | None = _setting(None, "jsonl / parquet file or glob, or a save_to_disk directory")
+    name: str | None = _setting(None, "hub dataset name, e.g. allenai/c4 (needs a network)")
+    config: str | None = _setting(None, "hub dataset config, e.g. en")
+    split: str = _setting("train", "dataset split")
+    text_field: str = _setting("text", "the field holding each document's text", "--text-field")
+    max_docs: int | None = _setting(None, "at most this many documents (unset: all)", "--max-docs")
+    streaming: bool = _setting(False, "stream the dataset instead of materializing it (C4-sized corpora)",
+                               "--streaming")
+    passage_words: int = _setting(96, "words per passage (about the 128-token context of our models)",
+                                  "--passage-words")
+    judge: str = _setting("exact", "which facts a passage states: exact (the embedded world's phrasings)")
 
     def __post_init__(self) -> None:
         if self.path:  # one spelling of a path, so the cache key hashes the files it names
