@@ -84,11 +84,6 @@ def make_llama(width=16, layers=2, seed=0):
 MAKERS = {"gpt2": make_gpt2, "llama": make_llama}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Threaded float64 eigh on a shared, busy 2-core machine stalls for seconds."""

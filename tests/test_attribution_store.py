@@ -12,7 +12,6 @@ from test_attribution import (
     TRAIN,
     make_gpt2,
     make_llama,
-    make_tokenizer,
     one_thread,  # noqa: F401 (autouse fixture)
     ref_gradient,
     ref_inv_sqrt,
@@ -25,11 +24,6 @@ from trackstar.attribution.features import extract_to_store
 from trackstar.attribution.second_moment import EstimatedSecondMomentWarning
 from trackstar.attribution.store import FeatureStore
 from trackstar.io import ArtifactError
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
 
 
 class Killed(RuntimeError):

@@ -13,15 +13,9 @@ import torch
 
 from trackstar.attribution import METHODS, TrackStar
 from trackstar.device import DeviceError, resolve_device
-from trackstar.experiment.cell import ConfigError, compose_config, validate
-from trackstar.lm import load_checkpoint
+from trackstar.experiment import ConfigError, compose_config, validate
 
 NO_CUDA = not torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(micro_checkpoint_dir):
-    return load_checkpoint(micro_checkpoint_dir)
 
 
 def test_device_resolution_and_its_errors():

@@ -21,19 +21,13 @@ from trackstar.attribution import METHODS, TrackStar
 from trackstar.attribution.store import FeatureStore
 from trackstar.errors import describe_error
 from trackstar.evaluation.tail_patch import tail_patch
-from trackstar.experiment.cell import ConfigError, compose_config, run_cell, validate
+from trackstar.experiment import ConfigError, compose_config, run_cell, validate
 from trackstar.experiment.record import ATTEMPTS_DIR, METRICS_FILE, attempts, read_record
 from trackstar.experiment.tracking import resolve_mode
 from trackstar.io import ArtifactError, read_jsonl
-from trackstar.lm import load_checkpoint
 from trackstar.runtime import compute_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(micro_checkpoint_dir):
-    return load_checkpoint(micro_checkpoint_dir)
 
 
 def _meta(n=10, d=8):
@@ -186,12 +180,12 @@ def test_tail_patch_does_not_depend_on_what_the_cache_held(checkpoint, micro_wor
 def test_failed_force_rerun_keeps_the_finished_record(tmp_path, monkeypatch):
     first = run_cell(_cell(tmp_path))
     run_dir = Path(first.run_dir)
-    import trackstar.evaluation.fact_tracing as fact_tracing
+    import trackstar.experiment.cell as cell  # the evaluation stage's evaluate, where the cell calls it
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(fact_tracing, "evaluate", broken)
+    monkeypatch.setattr(cell, "evaluate", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_cell(_cell(tmp_path, "force=true"))
     kept = read_record(run_dir / METRICS_FILE)

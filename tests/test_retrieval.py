@@ -11,7 +11,6 @@ import pytest
 
 from trackstar.attribution import METHODS, TrackStar
 from trackstar.evaluation.fact_tracing import evaluate
-from trackstar.lm import load_checkpoint
 from trackstar.retrieval import (
     Corpus,
     Retriever,
@@ -22,11 +21,6 @@ from trackstar.retrieval import (
     unregister,
 )
 from trackstar.retrieval.records import text_records
-
-
-@pytest.fixture(scope="module")
-def checkpoint(micro_checkpoint_dir):
-    return load_checkpoint(micro_checkpoint_dir)
 
 
 class FirstSentences(Retriever):
@@ -77,7 +71,7 @@ def test_every_retriever_has_its_own_cache_key(throwaway):
 
 
 def test_throwaway_baseline_runs_through_a_cell_with_its_own_results(throwaway, micro_world, tmp_path):
-    from trackstar.experiment.cell import compose_config, run_cell
+    from trackstar.experiment import compose_config, run_cell
     from trackstar.io import read_jsonl
 
     common = [f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}", "world=micro", "model=micro",
@@ -99,7 +93,7 @@ def test_throwaway_baseline_runs_through_a_cell_with_its_own_results(throwaway, 
 
 
 def test_bm25_ranks_the_only_matching_text_first():
-    from trackstar.baselines.bm25 import bm25_topk
+    from trackstar.retrieval.bm25 import bm25_topk
 
     texts = ["the cat sat on the mat", "Paris is the capital of France", "dogs bark loudly", "a mat of grass"]
     rows, scores = bm25_topk(texts, ["capital of France", "mat", "zebra"], k=2)
@@ -111,7 +105,7 @@ def test_bm25_ranks_the_only_matching_text_first():
 
 
 def test_dense_top_k_equals_brute_force_cosine_ranking():
-    from trackstar.baselines.dense import dense_topk, load_encoder
+    from trackstar.retrieval.dense import dense_topk, load_encoder
 
     texts = ["Paris is the capital of France.", "Berlin is in Germany.", "The cat sleeps.", "Rome is in Italy."]
     queries = ["capital of France Paris", "a sleeping cat"]

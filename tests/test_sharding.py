@@ -17,14 +17,8 @@ import pytest
 
 from trackstar.attribution import METHODS, TrackStar
 from trackstar.attribution.store import shard_bounds
-from trackstar.experiment.cell import ConfigError, compose_config, run_cell, validate
+from trackstar.experiment import ConfigError, compose_config, run_cell, validate
 from trackstar.io import ArtifactError
-from trackstar.lm import load_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(micro_checkpoint_dir):
-    return load_checkpoint(micro_checkpoint_dir)
 
 
 def _engine(checkpoint, work_dir, **changes):

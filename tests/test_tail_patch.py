@@ -11,11 +11,6 @@ from trackstar.io import ArtifactError
 from trackstar.lm import load_checkpoint
 
 
-@pytest.fixture
-def checkpoint(micro_checkpoint_dir):
-    return load_checkpoint(micro_checkpoint_dir)
-
-
 def _state(ck):
     params = {n: p.detach().clone() for n, p in ck.model.named_parameters()}
     opt = {

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..device import check_model_dtype
+from ..identity import stable
 from ..io import ArtifactError, atomic_write_checked, config_hash, is_complete, read_checked
 from .curvature import CurvatureCache, Whitening, auto_lambda, mix
 from .diagnostics import TRAIN_SAMPLE, curvature_diagnostic
@@ -155,7 +156,7 @@ class TrackStar:
     def _meta(self, kind: str, row_ids: list, v: SecondMoment | None, output_fn: str,
               examples: list[Example] | None = None) -> dict:
         s = self.settings
-        return {
+        meta = {
             "kind": kind,
             # The token ids and weights themselves: equal row ids over other
             # texts must not reuse a store.
@@ -176,9 +177,10 @@ class TrackStar:
             "reduction": s.reduction if kind == "query" else "mean",
             "dtype": s.storage_dtype,
             "row_ids": [str(r) if not isinstance(r, (int, str)) else r for r in row_ids],
-            # Only when not float32, so stores made before the setting existed stay valid.
-            **({"model_dtype": s.model_dtype} if s.model_dtype != "float32" else {}),
+            "model_dtype": s.model_dtype,
         }
+        # Settings added later enter the key only away from their earlier value (trackstar.identity).
+        return stable("store", meta)
 
     def store_path(self, kind: str, meta: dict) -> Path:
         return self.work_dir / f"{kind}-{config_hash(meta)}"
@@ -247,11 +249,11 @@ class TrackStar:
             return None
         blocks = self._blocks(train)
         cache = CurvatureCache(self.work_dir / "curvature")
-        train_key, r_train = cache.second_moment(train, blocks, s.chunk_rows, self.device)
+        train_key, r_train = cache.curvature(train, blocks, s.chunk_rows, self.device)
         if s.curvature == "train":
             key = {"r_train": train_key, "damping": s.damping}
             return cache.whitening(key, blocks, lambda: Whitening.build(r_train(), blocks, s.damping))
-        eval_key, r_eval = cache.second_moment(query, blocks, s.chunk_rows, self.device)
+        eval_key, r_eval = cache.curvature(query, blocks, s.chunk_rows, self.device)
 
         def build() -> Whitening:
             rt, re = r_train(), r_eval()
@@ -387,7 +389,7 @@ class TrackStar:
         """Top-k proponents and opponents of each query among ``train_texts``.
 
         ``diagnose``: with R (full, not block-diagonal), also the R diagnostic
-        (:mod:`.diagnostics`; seconds at d = 4096) in ``curvature_diagnostic``.
+        (:mod:`.diagnostics`) in ``curvature_diagnostic``.
 
         ``shards > 1``: the training features must have been written by
         :meth:`extract_shard` jobs (all ``shards`` of them); this merges and scores.
@@ -419,7 +421,7 @@ class TrackStar:
         """See :func:`.diagnostics.curvature_diagnostic`: R_train comes from the curvature
         cache (the whitening just used it), R_eval's eigenvectors from the query rows."""
         cache = CurvatureCache(self.work_dir / "curvature")
-        _, r_train = cache.second_moment(train, [slice(0, train.d)], self.settings.chunk_rows, self.device)
+        _, r_train = cache.curvature(train, [slice(0, train.d)], self.settings.chunk_rows, self.device)
         n = min(train.n_rows, TRAIN_SAMPLE)
         rows = torch.randperm(train.n_rows, generator=torch.Generator().manual_seed(0))[:n].sort().values
         sample = torch.cat([train.rows(int(i), int(i) + 1) for i in rows]) if n < train.n_rows else train.rows()

@@ -52,11 +52,12 @@ def outer_product_sums(
     return [acc.cpu() for acc in sums], count
 
 
-def second_moment_matrix(
+def curvature_matrix(
     chunks: Iterable[torch.Tensor], d: int, blocks: list[slice] | None = None,
     device: torch.device | str | None = None,
 ) -> list[torch.Tensor]:
-    """Mean outer product (1/N) Σ g gᵀ, full (one block) or per block, float64, on the CPU."""
+    """R_train or R_eval: the mean outer product (1/N) Σ g gᵀ of the scored
+    features, full (one block) or per block, float64, on the CPU."""
     sums, count = outer_product_sums(chunks, d, blocks, device)
     if count == 0:
         raise CurvatureError("Cannot estimate R from zero feature rows.")
@@ -85,8 +86,8 @@ def mix(r_eval: list[torch.Tensor], r_train: list[torch.Tensor], lam: float) -> 
     return [lam * e + (1.0 - lam) * t for e, t in zip(r_eval, r_train)]
 
 
-# Below this size one thread is fast (< 0.1 s), while LAPACK's threaded eigh
-# on a busy machine can be 100x slower from threads spinning for cores.
+# Below this size one thread is quick, while LAPACK's threaded eigh on a busy
+# machine can be far slower from threads spinning for cores.
 _SINGLE_THREAD_EIGH = 2048
 
 
@@ -163,7 +164,7 @@ class Whitening:
 class CurvatureCache:
     """R_train, R_eval and R^{-1/2} on disk, so runs that share them compute them once.
 
-    A second-moment matrix is keyed by its feature store's metadata (which
+    R_train or R_eval is keyed by its feature store's metadata (which
     names the model, the examples, V, the projection and the output function)
     and the block layout; a whitening by the keys of the matrices it mixes, λ
     (the setting: a number or ``auto``) and the damping. A sweep over λ then
@@ -197,9 +198,10 @@ class CurvatureCache:
         torch.save(value, buffer)
         atomic_write_checked(path, buffer.getvalue())
 
-    def second_moment(self, store, blocks: list[slice], chunk_rows: int,
-                      device: torch.device | None = None) -> tuple[str, Callable[[], list[torch.Tensor]]]:
-        """(key, loader) of the mean outer product of ``store``'s rows; computed on first load."""
+    def curvature(self, store, blocks: list[slice], chunk_rows: int,
+                  device: torch.device | None = None) -> tuple[str, Callable[[], list[torch.Tensor]]]:
+        """(key, loader) of R_train or R_eval (the mean outer product of ``store``'s
+        rows); computed on first load."""
         key = config_hash({"store": store.meta, "blocks": [(b.start, b.stop) for b in blocks]})
 
         def load() -> list[torch.Tensor]:
@@ -214,7 +216,7 @@ class CurvatureCache:
                     raise CurvatureError("Cannot estimate R from zero feature rows.")
                 value = [sum(p[0][i] for p in parts) / count for i in range(len(blocks))]
             else:
-                value = second_moment_matrix((x for _, x in store.chunks(chunk_rows)), store.d, blocks, device)
+                value = curvature_matrix((x for _, x in store.chunks(chunk_rows)), store.d, blocks, device)
             self._save(path, value)
             return value
 

@@ -10,8 +10,7 @@ One step per *distinct* proponent serves every query that retrieved it: the
 step does not depend on the query, so all of them are measured after it (each
 query in a forward pass of its own, so that a cached value never depends on
 which queries were measured with it). Across methods and queries the same
-passages recur, which makes tail-patch of every method's top 10 affordable on
-a laptop.
+passages recur, which makes tail-patch of every method's top 10 affordable.
 """
 
 from __future__ import annotations
@@ -33,8 +32,9 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from ..io import ArtifactError, atomic_write_json_checked, read_json_checked
-from ..lm.data import context_length, lm_batch, lm_loss, pad_token_id, passage_ids
+from ..lm.data import context_length, pad_token_id, passage_ids
 from ..lm.evaluate import score_targets
+from ..lm.pretrain import train_step
 
 TAIL_PATCH_KS = (1, 3, 5, 10)
 log = logging.getLogger("trackstar")
@@ -197,18 +197,15 @@ def tail_patch(
             todo[pid] = missing
 
     ctx = context_length(model)
-    device = next(model.parameters()).device
     with restored(model, optimizer) as snap:
         for pid in tqdm(sorted(todo), desc="tail-patch", unit="proponent", disable=not progress):
-            for group in optimizer.param_groups:
-                group["lr"] = checkpoint.learning_rate
             model.eval()  # no dropout in the step or the measurement
             ids = passage_ids(tok, texts[pid], ctx)
             if len(ids) < 2:
                 raise ValueError(f"tail_patch: proponent {pid!r} has fewer than 2 tokens; it has no LM loss to step on")
-            optimizer.zero_grad(set_to_none=True)
-            lm_loss(model, {k: v.to(device) for k, v in lm_batch([ids], pad_token_id(tok)).items()}).backward()
-            optimizer.step()
+            # The pretraining step itself, at the final learning rate, on this
+            # passage alone (no gradient clipping).
+            train_step(model, optimizer, [ids], pad_token_id(tok), checkpoint.learning_rate, grad_clip=None)
             qids = todo[pid]
             for q, lp in zip(qids, measure(qids), strict=True):
                 after[(q, pid)] = lp

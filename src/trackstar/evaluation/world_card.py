@@ -65,7 +65,7 @@ def content_words(text: str) -> set[str]:
 
 def bm25_closed_set(sentences: list[dict], queries: list[dict]) -> dict:
     """Closed-set BM25 MRR and recall@10 over the queries with a gold sentence (Table 1's BM25 row)."""
-    from ..baselines.bm25 import bm25_topk
+    from ..retrieval.bm25 import bm25_topk
     from ..retrieval.records import Corpus, query_text, text_records
     from .metrics import score_retrievals
 

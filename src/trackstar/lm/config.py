@@ -108,9 +108,9 @@ class PretrainConfig:
                                 self.final_lr_fraction, self.lr_decay)
 
 
-# Presets per model size. ``micro`` trains in seconds (tests); ``tiny`` is the
-# default reproduction model, a few minutes on 2 CPU cores for a world of a few
-# thousand short documents; ``small`` / ``medium`` are for bigger machines.
+# Presets per model size. ``micro`` is for tests; ``tiny`` is the default
+# reproduction model, sized for a CPU and a world of a few thousand short
+# documents; ``small`` / ``medium`` are for bigger machines.
 PRESETS: dict[str, PretrainConfig] = {
     "micro": PretrainConfig(
         size="micro", vocab_size=512, context_length=256, batch_size=16, epochs=4, lr=5e-2,

@@ -106,11 +106,15 @@ def train_step(model, optimizer, passages: list[list[int]], pad_id: int, lr: flo
                grad_clip: float | None) -> float:
     """One optimizer step on a batch of passages at learning rate ``lr``; returns its loss.
 
-    The one update rule of pretraining and of counterfactual retraining
+    The one update rule of pretraining, of counterfactual retraining
     (:mod:`trackstar.lm.retrain`), so a retrain on the whole corpus is the
-    pretrained model.
+    pretrained model, and of tail-patch's step on one proponent
+    (:mod:`trackstar.evaluation.tail_patch`). The step sees the gradient of
+    these passages alone: gradients the model already holds are dropped first,
+    and none are left behind.
     """
     set_learning_rate(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
     loss = lm_loss(model, lm_batch(passages, pad_id))
     loss.backward()
     if grad_clip is not None:
