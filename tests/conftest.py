@@ -24,7 +24,8 @@ def micro_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def micro_checkpoint_dir(micro_world, tmp_path_factory):
-    """Final checkpoint of a micro GPT-2 pretrained on the micro world (a few seconds)."""
+    """Final checkpoint of a micro GPT-2 pretrained on the micro world, once per session:
+    pretraining is the slow part of every test that needs a model."""
     from trackstar.lm import PretrainConfig, final_checkpoint, pretrain_model
 
     run = pretrain_model(micro_world.path, tmp_path_factory.mktemp("models") / "micro", PretrainConfig.preset("micro"), progress=False)

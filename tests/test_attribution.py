@@ -86,7 +86,7 @@ MAKERS = {"gpt2": make_gpt2, "llama": make_llama}
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Threaded float64 eigh on a shared, busy 2-core machine stalls for seconds."""
+    """One torch thread: threaded float64 eigh stalls when other processes keep the cores busy."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -99,11 +99,10 @@ def test_estimated_v_warns_and_is_recorded(tokenizer, tmp_path):
 
 
 def test_estimated_v_is_the_mean_squared_minibatch_gradient(tokenizer, monkeypatch):
+    from trackstar.attribution import fused, output
     from trackstar.attribution.gradients import block_linear_sites
     from trackstar.attribution.output import collate
     from trackstar.attribution.second_moment import estimate_second_moment
-
-    from trackstar.attribution import fused
 
     model = make_gpt2()
     ts = TrackStar(model, tokenizer, AttributionSettings(projection="identity"))
@@ -112,7 +111,7 @@ def test_estimated_v_is_the_mean_squared_minibatch_gradient(tokenizer, monkeypat
     model.transformer.ln_f.weight.requires_grad_(False)  # a user's own freezing survives the estimate
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     calls = []
-    monkeypatch.setattr(fused, "linear_token_loss", lambda *a: calls.append(1) or fused._LinearTokenLoss.apply(*a))
+    monkeypatch.setattr(output, "linear_token_loss", lambda *a: calls.append(1) or fused._LinearTokenLoss.apply(*a))
     with pytest.warns(EstimatedSecondMomentWarning):
         v = estimate_second_moment(model, [collate(ex[:4]), collate(ex[4:])], sites, eps=1e-8)
     assert len(calls) == 2  # the head frozen meanwhile: the fused loss, no whole logits

@@ -336,7 +336,7 @@ def test_tables_import_no_lower_stage():
 
     code = ("import sys, trackstar.tables, trackstar.tables.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
-            "[['trackstar', s] for s in ('attribution', 'evaluation', 'baselines', 'lm', 'retrieval', 'world')]))")
+            "[['trackstar', s] for s in ('attribution', 'evaluation', 'lm', 'retrieval', 'world')]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -21,6 +21,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
 
 
@@ -48,8 +49,6 @@ def compute_stage(artifacts: str | os.PathLike, threads: int | None = None) -> I
     Take it inside any stage lock, never around one (locks are always taken in
     the order stage, then compute, so jobs cannot wait on each other in a cycle).
     """
-    import torch
-
     n = stage_threads(threads)
     slots = max(1, available_cores() // n)
     locks = Path(artifacts) / "locks"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..device import check_model_dtype
+from ..device import check_model_dtype, model_device, resolve_device
 from ..identity import stable
 from ..io import ArtifactError, atomic_write_checked, config_hash, is_complete, read_checked
 from .curvature import CurvatureCache, Whitening, auto_lambda, mix
@@ -95,8 +95,6 @@ class TrackStar:
         device: str | torch.device | None = None,
         learning_rate: float | None = None,
     ):
-        from ..device import model_device, resolve_device
-
         if device is not None:
             model.to(resolve_device(device))
         #: Where features, V and scores are computed: the model's device.

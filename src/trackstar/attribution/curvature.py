@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import float64_device
 from ..io import ArtifactError, atomic_write_checked, config_hash, read_checked
 
 log = logging.getLogger("trackstar")
@@ -37,8 +38,6 @@ def outer_product_sums(
     """(Σ g gᵀ per block, number of rows), float64: R's sufficient statistics, which
     add up across shards. Accumulated on ``device`` (the CPU when None, or for
     MPS, which has no float64); the sums are returned on the CPU."""
-    from ..device import float64_device
-
     blocks = blocks or [slice(0, d)]
     device = float64_device(torch.device(device or "cpu"))
     sums = [torch.zeros((s.stop - s.start,) * 2, dtype=torch.float64, device=device) for s in blocks]

@@ -11,9 +11,11 @@ import contextlib
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..device import model_device
 from .gradients import Site, check_finite, dense_gradients, layer_factors
-from .output import Batch
+from .output import Batch, collate
 from .projection import Projector
 from .second_moment import SecondMoment
 
@@ -38,8 +40,6 @@ class FeatureExtractor:
         dense: bool = False,
         autocast_dtype: torch.dtype | None = None,
     ):
-        from ..device import model_device
-
         self.model = model
         self.device = model_device(model)
         #: The model's forward and backward in this dtype (torch.autocast); None: as stored.
@@ -159,10 +159,6 @@ def extract_to_store(
     Rows are computed in chunks of ``chunk_rows``; each finished chunk is
     flushed and recorded before the next starts.
     """
-    from tqdm.auto import tqdm
-
-    from .output import collate
-
     if store.complete:
         return
     with tqdm(total=len(examples), initial=store.rows_done, desc=desc, unit="ex") as bar:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .fused import fused_activations
 from .output import Batch, forward_objective
 
 
@@ -173,8 +174,6 @@ def layer_factors(
     on instead of A, so A itself is only kept where the model's own backward
     needs it.
     """
-    from .fused import fused_activations
-
     modules = site_modules(model, sites)
     acts: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lm.data import pad, query_ids, tokenize_corpus
+from .fused import linear_token_loss, weighted_token_loss
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,6 @@ def _fn_rows(batch: Batch) -> list[tuple[str, torch.Tensor | None]]:
 
 def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum over examples of each example's weighted output: Σ_i f(z_i)."""
-    from .fused import weighted_token_loss
     # Shifting the labels and weights rather than slicing the logits avoids
     # copying the (n, T, vocab) tensor forward and zero-filling it in the
     # backward pass.
@@ -197,8 +197,6 @@ def forward_objective(model, batch: Batch) -> torch.Tensor:
     otherwise (any other model, or a head that needs its own gradient) the full
     logits, as the model computes them.
     """
-    from .fused import linear_token_loss
-
     head = plain_head(model)
     if head is None:
         return objective(forward_logits(model, batch), batch)

@@ -115,7 +115,7 @@ def faiss_top_k(
     Opponents are the proponents of the negated queries.
     """
     try:
-        import faiss
+        import faiss  # optional: the trackstar[faiss] extra, for scorer='faiss' only
     except ImportError as exc:
         raise ImportError(
             "scorer='faiss' needs the faiss package: pip install 'trackstar[faiss]' (faiss-cpu), "

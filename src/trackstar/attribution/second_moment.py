@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..device import float64_device, model_device
+from ..lm.external_optimizer import OptimizerStateError, state_kind
 from .gradients import Site, eval_mode, frozen_parameters
 from .output import Batch, forward_objective
 
@@ -205,8 +207,6 @@ def dense_correction(name: str, multiplier: torch.Tensor, adam_mode: str) -> Lay
 
 
 def _kind(state: dict, group: dict) -> str:
-    from ..lm.external_optimizer import OptimizerStateError, state_kind
-
     try:
         return state_kind(state, group)
     except OptimizerStateError:
@@ -268,8 +268,6 @@ def estimate_second_moment(
     Warns loudly: attribution quality depends on V, and an estimate from a
     few batches is not the optimizer's statistic.
     """
-    from ..device import float64_device, model_device
-
     params = dict(model.named_parameters())
     chosen = [params[s.name] for s in sites]
     device = model_device(model)

@@ -18,6 +18,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from filelock import FileLock
+from tqdm.auto import tqdm
+
 from ..io import ArtifactError, atomic_write_json_checked, config_hash, read_json_checked
 
 JUDGES = ("exact", "nli")
@@ -36,6 +39,8 @@ class NLIJudge:
 
     def __init__(self, model: str, batch_size: int = 32, device=None, cache_dir: str | os.PathLike | None = None,
                  progress: bool = True):
+        # transformers and torch (in scores) only where a judge model is loaded: the module's
+        # other users (JUDGES, read by config validation) need neither.
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
@@ -66,8 +71,7 @@ class NLIJudge:
 
     def scores(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """P(entailment) of each (premise, hypothesis), in order."""
-        import torch
-        from tqdm.auto import tqdm
+        import torch  # only with a judge model loaded: see __init__
 
         keys = [_pair_key(p, h) for p, h in pairs]
         todo = sorted({k: pair for k, pair in zip(keys, pairs) if k not in self.cache}.items())
@@ -86,8 +90,6 @@ class NLIJudge:
 
     def _save(self) -> None:
         """Merge what other jobs wrote since this one read the cache, then write it (under a lock)."""
-        from filelock import FileLock
-
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.cache_path) + ".lock"):
             if self.cache_path.is_file():

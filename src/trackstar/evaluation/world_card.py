@@ -26,10 +26,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text, read_json
+from ..retrieval.bm25 import bm25_topk
+from ..retrieval.records import Corpus, query_text, text_records
+from ..world import load_world
 from ..world.annotate import contains_phrase
+from ..world.generate import generate_world
+from ..world.profiles import PROFILES, get_profile, natural_knobs
 from ..world.release import frequency_bucket
-
 from ..world.store import CARD_FILES
+from .metrics import score_retrievals
 
 CARD_JSON, CARD_MD = CARD_FILES
 CARD_VERSION = 1
@@ -65,10 +70,6 @@ def content_words(text: str) -> set[str]:
 
 def bm25_closed_set(sentences: list[dict], queries: list[dict]) -> dict:
     """Closed-set BM25 MRR and recall@10 over the queries with a gold sentence (Table 1's BM25 row)."""
-    from ..retrieval.bm25 import bm25_topk
-    from ..retrieval.records import Corpus, query_text, text_records
-    from .metrics import score_retrievals
-
     corpus = Corpus("closed", [s["sentence_id"] for s in sentences], [s["text"] for s in sentences],
                     [s["fact_ids"] for s in sentences])
     rows, scores = bm25_topk(corpus.texts, [query_text(q) for q in queries], min(10, len(corpus)))
@@ -129,9 +130,6 @@ def knob_effects(profile: str, seed: int, knobs: dict) -> dict:
     templated style, each the mean over the worlds of ``KNOB_EFFECT_SEEDS`` seeds from
     ``seed`` (a knob changes every later random draw, so one seed's difference mixes the
     knob's effect with another draw of the world)."""
-    from ..world.generate import generate_world
-    from ..world.profiles import get_profile, natural_knobs
-
     prof = get_profile(profile)
     base = natural_knobs(knobs)
 
@@ -157,15 +155,13 @@ def knob_effects(profile: str, seed: int, knobs: dict) -> dict:
 
 def world_card(world_dir: str | os.PathLike) -> dict:
     """The card of the world at ``world_dir`` (computed now, from its files)."""
-    from ..world import load_world
-
     world = load_world(world_dir)
     m = world.manifest
     card = {"card_version": CARD_VERSION, "world": str(Path(world_dir).name), "content_hash": m["content_hash"],
             "profile": m.get("profile"), "seed": m.get("seed"), "style": m.get("style", "templated"),
             "knobs": m.get("knobs"),
             **measure(world.facts, world.sentences, len(world.corpus), world.queries)}
-    if card["style"] == "natural" and card["knobs"] is not None and m.get("profile") in _profiles():
+    if card["style"] == "natural" and card["knobs"] is not None and m.get("profile") in PROFILES:
         if card["facts"] > KNOB_EFFECT_MAX_FACTS:
             card["knob_effects_bm25_mrr"] = (f"not computed for worlds over {KNOB_EFFECT_MAX_FACTS:,} facts "
                                              "(it regenerates the world once per knob): see the tiny world's card")
@@ -175,12 +171,6 @@ def world_card(world_dir: str | os.PathLike) -> dict:
         else:
             card["knob_effects_bm25_mrr"] = knob_effects(m["profile"], m["seed"], card["knobs"])
     return card
-
-
-def _profiles() -> set[str]:
-    from ..world.profiles import PROFILES
-
-    return set(PROFILES)
 
 
 def write_card(world_dir: str | os.PathLike) -> dict:

@@ -28,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from trackstar.device import resolve_device
 from trackstar.io import ArtifactError, atomic_directory, atomic_write_json, read_json, verify_complete
 from trackstar.lm.optim import build_optimizer, param_name_to_index
 
@@ -158,8 +159,6 @@ def load_checkpoint(
     its ``COMPLETE`` marker. ``device`` places the model (and so the optimizer
     state) there; None keeps the CPU.
     """
-    from ..device import resolve_device
-
     path = Path(path)
     if verify:
         check_checkpoint(path)
@@ -215,8 +214,6 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, device: str | torch.devic
     both ``from_pretrained`` calls (e.g. ``local_files_only=True``,
     ``revision=...``, ``torch_dtype=torch.bfloat16``).
     """
-    from ..device import resolve_device
-
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **from_pretrained_kwargs)

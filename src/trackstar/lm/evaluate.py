@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from trackstar.io import write_jsonl
@@ -94,8 +95,6 @@ def accuracy_by_bucket(records: Sequence[dict]):
     Returns a pandas DataFrame indexed by ``c4_frequency_bucket`` with an
     ``all`` row last.
     """
-    import pandas as pd
-
     if not records:
         warnings.warn("accuracy_by_bucket got no records", stacklevel=2)
     frame = pd.DataFrame.from_records(

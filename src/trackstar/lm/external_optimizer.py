@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 import torch
+from transformers.optimization import Adafactor
 
 from trackstar.io import ArtifactError
 
@@ -93,8 +94,6 @@ def _build(kind: str, saved_groups: list[dict], params: list[list[tuple[str, tor
         return (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, lr=lr)
     if kind == "torch_adafactor":
         return torch.optim.Adafactor(groups, lr=lr)
-    from transformers.optimization import Adafactor
-
     return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
 
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 FAMILIES = ("gpt2", "llama")
 
@@ -130,8 +138,6 @@ def model_skeleton(family: str, size: str, vocab_size: int, context_length: int 
 
 def hf_skeleton(name_or_path: str) -> PreTrainedModel:
     """A Hugging Face causal LM's architecture on the meta device, from its config alone."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(name_or_path)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

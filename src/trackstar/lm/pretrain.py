@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from trackstar.device import resolve_device
 from trackstar.io import ensure_writable_dir, remove_stale_partials
 from trackstar.lm.checkpoint import load_checkpoint, load_rng_state, restore_rng_state, save_checkpoint
 from trackstar.lm.config import PRESETS, PretrainConfig
@@ -58,8 +59,6 @@ def pretrain_model(
     ``device`` (``auto``, ``cpu``, ``cuda[:N]``, ``mps``; None: the CPU) is where
     it trains; checkpoints are loadable anywhere.
     """
-    from trackstar.device import resolve_device
-
     device = resolve_device(device) if device is not None else torch.device("cpu")
     config = config or PretrainConfig()
     manifest, corpus, queries = read_world(world_dir)

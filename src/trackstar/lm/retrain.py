@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
+from trackstar.device import resolve_device
 from trackstar.io import ArtifactError, read_json
 from trackstar.lm.config import PretrainConfig
 from trackstar.lm.data import DataOrder, pad_token_id, tokenize_corpus
@@ -66,10 +68,6 @@ def retrain(run_dir: str | os.PathLike, world_dir: str | os.PathLike, keep=None,
     ``target_logprob`` (example id -> log p(target | prompt)), ``n_kept``,
     ``skipped_steps``, ``final_loss`` (mean loss of the last ``steps_per_epoch`` updates) and ``seconds``.
     """
-    from transformers import AutoTokenizer
-
-    from trackstar.device import resolve_device
-
     device = resolve_device(device) if device is not None else torch.device("cpu")
     run_dir = Path(run_dir)
     summary_path = run_dir / SUMMARY_FILE

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from trackstar.io import (
     ArtifactError,
@@ -111,8 +112,6 @@ def latest_checkpoint(out_dir: Path, key: str) -> Path | None:
 
 def corpus_tokenizer(out_dir: Path, texts: list[str], vocab_size: int):
     """The run's tokenizer, trained on ``texts`` once and then read back."""
-    from transformers import AutoTokenizer
-
     path = out_dir / TOKENIZER_DIR
     if not is_complete(path):
         if path.exists():

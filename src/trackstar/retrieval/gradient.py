@@ -11,6 +11,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ..attribution.api import TrackStar
+from ..attribution.gradients import all_parameter_sites, block_linear_sites
+from ..attribution.methods import METHODS, method_settings
+from ..attribution.projection import Projector
+from ..attribution.settings import AttributionSettings
 from ..identity import stable
 from .records import Corpus, retrieval_record
 from .registry import RetrievalTask, Retriever, register, sum_row_chunks
@@ -36,9 +41,6 @@ class GradientRetriever(Retriever):
     name = "gradient"
 
     def __init__(self, options: Mapping[str, Any] | None = None, corpus: str = "closed"):
-        from ..attribution.methods import method_settings
-        from ..attribution.settings import AttributionSettings
-
         super().__init__(None, corpus)
         overrides = dict(options or {})
         known = {f.name for f in dataclasses.fields(AttributionSettings)} - {"k"}
@@ -69,9 +71,6 @@ class GradientRetriever(Retriever):
 
     def check_model(self, model) -> None:
         """Refuse settings the model's shape cannot take (the split of d), before any work."""
-        from ..attribution.gradients import all_parameter_sites, block_linear_sites
-        from ..attribution.projection import Projector
-
         s = self.attribution
         sites = all_parameter_sites(model) if s.params == "all" else block_linear_sites(model)
         try:
@@ -80,8 +79,6 @@ class GradientRetriever(Retriever):
             raise ValueError(f"method.d={s.d}: {exc}") from None
 
     def _engine(self, task: RetrievalTask):
-        from ..attribution.api import TrackStar
-
         checkpoint = task.checkpoint
         return TrackStar(checkpoint.model, checkpoint.tokenizer, self.attribution.replace(k=task.k),
                          optimizer=checkpoint.optimizer, work_dir=task.work_dir, device=task.device,
@@ -133,8 +130,6 @@ def _queries(task: RetrievalTask) -> list[dict]:
 
 
 def _register_rows() -> None:
-    from ..attribution.methods import METHODS
-
     for i, row in enumerate(METHODS):
         register(row, type(row, (GradientRetriever,), {"name": row, "rank": 10.0 + i}))
 

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..io import config_hash
-from .records import CORPORA
+from .records import CORPORA, Corpus
 
 FAMILIES = ("baseline", "gradient")
 
@@ -216,8 +216,6 @@ def retrieve(
 
 def run(retriever: Retriever, task: RetrievalTask) -> tuple[list[dict], dict]:
     """Run a configured retriever after the checks every method shares."""
-    from .records import Corpus
-
     size = len(Corpus.from_world(task.world, task.corpus))
     if task.k > size:
         raise ValueError(f"k={task.k} exceeds the {task.corpus} corpus size {size}; lower eval.k.")

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 SWEEPS_DIR = Path(__file__).parent
 
 #: Table 1's method rows, in the paper's order: every gradient row and baseline.
@@ -39,8 +41,6 @@ OWN_SETTING = ("table_c1", "scale_study")
 
 def swept_keys(name: str) -> set[str]:
     """The config keys sweep ``name`` sweeps (its ``hydra.sweeper.params``)."""
-    from omegaconf import OmegaConf
-
     return set(OmegaConf.load(SWEEPS_DIR / f"{name}.yaml").hydra.sweeper.params)
 
 

@@ -190,6 +190,7 @@ def over_seeds(group: pd.DataFrame, columns) -> pd.Series:
     """One row for runs that differ only in their seeds: per metric column, the mean over seeds,
     each seed's per-query interval averaged (``ci_low``/``ci_high``), and a t-interval across
     seeds (``seed_low``/``seed_high``, ``seeds``); the latest run's fields otherwise."""
+    # scipy.stats is slow to import and only rows over seeds need it: keeps `import trackstar.tables` quick
     from scipy import stats
 
     row = group.sort_values("finished", na_position="first", kind="stable").iloc[-1].copy()

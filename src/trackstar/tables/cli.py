@@ -27,6 +27,7 @@ from .figures import figure2, figure2_frame, plot_figure2
 from .findings import findings
 from .findings import to_markdown as findings_markdown
 from .paired import paired_table
+from .publish import publish
 from .render import table_provenance, to_markdown, write_table
 from .runs import (RunSet, TablesError, check_commits, check_one_style, describe_commits, load_local_runs,
                    load_wandb_runs)
@@ -137,8 +138,6 @@ def generate(args: argparse.Namespace, command: str) -> int:
         print(text)
     write_index(out, made, skipped, runs, command, generated)
     if args.wandb:
-        from .publish import publish
-
         info = publish(made, out, runs.source, runs.commits, command, args.project or "trackstar-repro",
                        args.entity, args.group, args.wandb_mode,
                        wandb_dir=Path(args.results) if args.source == "local" else None)

@@ -102,7 +102,7 @@ def figure2_frame(fig: Figure2) -> PaperTable:
 
 def plot_figure2(fig: Figure2, path: Path) -> None:
     """Render the 2 x 3 grid (metrics x panels) to a PNG at ``path``."""
-    import matplotlib
+    import matplotlib  # only to draw: reading and tabulating runs never needs it
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt

@@ -17,6 +17,8 @@ import pandas as pd
 
 from ..experiment.record import DIAGNOSTIC_PREFIX
 from .aggregate import PaperTable, label_column, regime_label
+from .figures import SIZE_ORDER
+from .paired import paired_difference, per_query
 
 HOLDS, FAILS, INCONCLUSIVE, UNCHECKED = "holds", "does not hold", "inconclusive", "not checked"
 #: Not a claim of the paper: a measurement to read the others by.
@@ -167,9 +169,6 @@ def scale_claim(runs: pd.DataFrame) -> list[Finding]:
     """Claim (c) on the ``figure2_scale`` TrackStar runs, one finding per training regime and
     axis: the largest model against the smallest (final checkpoints), and each size's final
     checkpoint against its first (paired per-query MRR; tail-patch differences as evidence)."""
-    from .figures import SIZE_ORDER
-    from .paired import paired_difference, per_query
-
     needed = {"table", "method", "model_size", "checkpoint", "run"}
     scale = runs[(runs["table"] == "figure2_scale") & (runs["method"] == "trackstar")] if needed <= set(runs) \
         else runs.iloc[0:0]

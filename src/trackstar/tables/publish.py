@@ -35,7 +35,7 @@ def publish(made: list[tuple[str, PaperTable]], out: Path, source: str, commits:
     if mode == "disabled":
         return {"mode": "disabled"}
     try:
-        import wandb
+        import wandb  # heavy, and only publishing needs it
 
         with wandb.init(project=project, entity=entity, group=group, job_type="paper-tables",
                         name="paper-tables", dir=str(wandb_dir or Path.cwd()), mode=mode, reinit="create_new",

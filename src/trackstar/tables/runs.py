@@ -111,7 +111,7 @@ def load_wandb_runs(entity: str, project: str, api=None, strict: bool = False) -
     if not entity or not project:
         raise TablesError("--source wandb needs both --entity and --project (the W&B project the runs were logged to).")
     if api is None:
-        import wandb
+        import wandb  # heavy, and only --source wandb needs it
 
         api = wandb.Api()
     rows, failed, stale = [], [], []

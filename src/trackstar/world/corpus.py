@@ -37,6 +37,9 @@ from ..io import (
     read_json,
     read_jsonl,
 )
+from .annotate import entity_names, states_fact
+from .relations import RELATIONS
+from .store import CARD_FILES, CORPUS_FILE, FACTS_FILE, MANIFEST, write_manifest
 
 SOURCES = ("hf", "jsonl", "parquet")
 JUDGES = ("exact",)
@@ -120,7 +123,7 @@ def _files(pattern: str) -> list[Path]:
 
 
 def _dataset(spec: CorpusSpec):
-    import datasets
+    import datasets  # heavy, and only a real corpus needs it
 
     if spec.source == "hf" and spec.path:
         if not Path(spec.path).expanduser().is_dir():
@@ -174,9 +177,6 @@ class ExactJudge:
     """Which facts a passage states, by the embedded world's phrasings (see :mod:`.annotate`)."""
 
     def __init__(self, facts: list[dict]):
-        from .annotate import entity_names
-        from .relations import RELATIONS
-
         self.facts = [f for f in facts if f["relation"] in RELATIONS]
         self.unjudged = len(facts) - len(self.facts)
         # Facts by the first word of their subject: a passage only needs checking
@@ -190,8 +190,6 @@ class ExactJudge:
                     bucket.append(f)
 
     def __call__(self, text: str) -> list[str]:
-        from .annotate import states_fact
-
         words = set(re.findall(r"[a-z0-9]+", text.lower()))
         candidates = {id(f): f for w in words & self.by_word.keys() for f in self.by_word[w]}
         return sorted({f["fact_id"] for f in candidates.values() if states_fact(text, f)})
@@ -200,8 +198,6 @@ class ExactJudge:
 def corpus_world(base: str | os.PathLike, spec: CorpusSpec, out_dir: str | os.PathLike, tokenizer=None,
                  passage_tokens: int | None = None) -> Path:
     """The world ``base`` with ``spec``'s passages as its open set (written once, atomically)."""
-    from .store import CARD_FILES, CORPUS_FILE, FACTS_FILE, MANIFEST, write_manifest
-
     base, out_dir = Path(base), Path(out_dir)
     key = config_hash({"base": read_json(base / MANIFEST)["content_hash"], "corpus": spec.key(),
                        "passage_tokens": passage_tokens if tokenizer is not None else None})

@@ -382,7 +382,7 @@ def generate_world(profile: WorldProfile, seed: int, style: str = "templated", k
     ``natural`` (T-REx's sources of difficulty, set by ``knobs``: see :mod:`.natural`)."""
     knobs = style_knobs(style, knobs)
     if knobs is not None:
-        from .natural import generate_natural
+        from .natural import generate_natural  # natural imports generate
 
         return generate_natural(profile, seed, knobs)
     rng, fake, _, facts = world_facts(profile, seed)

@@ -39,6 +39,7 @@ from faker.providers.person.en_US import Provider as PersonNames
 from .generate import CONTEXT_TEMPLATES, Entity, Fact, World, _open_set, fact_record, geonames, world_facts
 from .profiles import NaturalKnobs, WorldProfile
 from .relations import NATURAL_STATEMENTS, RELATIONS, RELATIVE_PHRASES, SHORT_FORMS, natural_render, render_context
+from .release import sample_queries
 
 #: Bumped whenever the same (profile, seed, knobs) would give another natural world.
 NATURAL_VERSION = 1
@@ -227,8 +228,6 @@ def _closed_set(facts: list[Fact], profile: WorldProfile, knobs: NaturalKnobs, w
 
 
 def generate_natural(profile: WorldProfile, seed: int, knobs: NaturalKnobs) -> World:
-    from .release import sample_queries
-
     rng, fake, names, facts = world_facts(profile, seed)
     entities = sorted({e for f in facts for e in (f.subject, f.obj)}, key=lambda e: e.uri)
     forms = _surface_forms(entities, names, fake, rng)

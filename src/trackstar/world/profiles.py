@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .relations import NATURAL_STATEMENTS
+
 
 @dataclass(frozen=True)
 class WorldProfile:
@@ -115,8 +117,6 @@ _KNOB_RANGES = {
 
 def check_knobs(knobs: NaturalKnobs, prefix: str = "world.natural") -> None:
     """Raise ValueError naming the first knob out of range and its allowed values."""
-    from .relations import NATURAL_STATEMENTS
-
     fewest = min(len(v) for v in NATURAL_STATEMENTS.values())
     for name, (low, high) in {**_KNOB_RANGES, "phrasings": (1, fewest)}.items():
         value = getattr(knobs, name)

@@ -153,6 +153,7 @@ def release_key(release_dir: str | os.PathLike, queries_per_bucket: int, seed: i
 def world_from_release(release_dir: str | os.PathLike, out_dir: str | os.PathLike, queries_per_bucket: int = 900,
                        seed: int = 0) -> Path:
     """Write (or reuse) the world of a release directory into ``out_dir``."""
+    # store imports natural, which imports release (sample_queries)
     from .store import CORPUS_FILE, MANIFEST, QUERIES_FILE, sentence_shard_name, write_manifest
 
     if isinstance(queries_per_bucket, bool) or not isinstance(queries_per_bucket, int) or queries_per_bucket < 1:

@@ -32,6 +32,7 @@ from ..io import (
     write_jsonl,
 )
 from .generate import GENERATOR_VERSION, N_BUCKETS, fact_record, generate_world
+from .natural import NATURAL_VERSION
 from .profiles import get_profile, style_knobs
 from .schema import validate_records
 
@@ -81,8 +82,6 @@ def write_world(world, out_dir: Path) -> None:
     bucket_counts = [sum(f.bucket == b for f in world.facts) for b in range(N_BUCKETS)]
     style = {}
     if world.style != "templated":  # templated manifests stay as they were (their content hash too)
-        from .natural import NATURAL_VERSION
-
         style = {"style": world.style, "natural_version": NATURAL_VERSION, "knobs": world.knobs.to_dict()}
     write_manifest(
         out_dir,
@@ -120,8 +119,6 @@ def world_identity(profile: str, seed: int, style: str = "templated", knobs=None
     knobs = style_knobs(style, knobs)
     if knobs is None:
         return {"seed": seed, "profile": profile, "generator_version": GENERATOR_VERSION}
-    from .natural import NATURAL_VERSION
-
     return {"seed": seed, "profile": profile, "generator_version": GENERATOR_VERSION, "style": style,
             "natural_version": NATURAL_VERSION, "knobs": knobs.to_dict()}
 
