@@ -171,7 +171,7 @@ def test_lds_leaves_out_constant_outcomes_and_failed_retrains():
 
 
 def test_diverged_retrains_are_counted_not_averaged():
-    n, ids = 20, [f"D{i}" for i in range(20)]
+    ids = [f"D{i}" for i in range(20)]
     records = [{"example_id": "Q0", "proponent_ids": ids[:10]}, {"example_id": "Q1", "proponent_ids": ids[10:]}]
     calls = []
 

@@ -21,7 +21,7 @@ from trackstar.attribution import METHODS, TrackStar
 from trackstar.attribution.store import FeatureStore
 from trackstar.errors import describe_error
 from trackstar.evaluation.tail_patch import tail_patch
-from trackstar.experiment import ConfigError, compose_config, run_cell, validate
+from trackstar.experiment import ConfigError, compose_config, run_cell
 from trackstar.experiment.record import ATTEMPTS_DIR, METRICS_FILE, attempts, read_record
 from trackstar.experiment.tracking import resolve_mode
 from trackstar.io import ArtifactError, read_jsonl
