@@ -62,7 +62,7 @@ def check_model_dtype(dtype: str, device: torch.device) -> None:
     """Refuse a mixed-precision dtype the device cannot compute in."""
     if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"model_dtype=bfloat16, but {torch.cuda.get_device_name(device)} has no bfloat16 "
-                          "support; use float16 (with care: see the README) or float32.")
+                          "support; use float16 (with care: see docs/real_data_and_scale.md) or float32.")
     if dtype == "bfloat16" and device.type == "mps" and not _mps_bf16():
         raise DeviceError("model_dtype=bfloat16 is not supported by MPS on this macOS; use float16 or float32.")
 

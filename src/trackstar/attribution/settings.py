@@ -60,7 +60,7 @@ class AttributionSettings:
     model_dtype: the model's forward and backward during feature extraction
         (``torch.autocast``; the weights are not changed): ``float32``, or
         ``bfloat16`` / ``float16`` mixed precision. Projections, V, R and
-        scores stay float32/float64 (see the README for what bf16 costs).
+        scores stay float32/float64 (docs/real_data_and_scale.md says what bf16 costs).
     """
 
     output_fn: OutputFn = "loss"

@@ -83,11 +83,12 @@ class MethodConf:
     block_diagonal: bool = False
     batch_size: int = 16
     #: The model's forward and backward during extraction: null (float32),
-    #: bfloat16 or float16 mixed precision (see the README for what it costs).
+    #: bfloat16 or float16 mixed precision (docs/real_data_and_scale.md says what it costs).
     model_dtype: Optional[str] = None
     #: The retriever's own options (checked by it): e.g. ``options.model`` for
     #: ``dense``, ``options.k1``/``options.b`` for ``bm25``, or any further
-    #: attribution setting for a gradient row (``options.adam_mode=rank1``).
+    #: attribution setting for a gradient row (``+method.options.adam_mode=rank1``:
+    #: the group starts empty, so Hydra needs the ``+``).
     options: Dict[str, Any] = field(default_factory=dict)
 
 
