@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from trackstar.io import ArtifactError
+from trackstar.io import ArtifactError, write_marker
 from trackstar.world import load_world
 from trackstar.world.release import frequency_bucket, world_from_release
 from trackstar.world.schema import SchemaError
+from trackstar.world.store import MANIFEST, write_manifest
 
 RELEASE = Path(__file__).parent / "fixtures" / "release"
 
@@ -83,3 +84,77 @@ def test_cli_builds_a_release_world(tmp_path, capsys):
     main(["world", "--from-release", str(RELEASE), "--queries-per-bucket", "2", "--out", str(tmp_path / "w")])
     assert "5 facts, 6 closed-set sentences, 3 documents, 5 queries" in capsys.readouterr().out
     assert load_world(tmp_path / "w").manifest["profile"] == "release"
+
+
+def _edit(path: Path, line: int, **fields) -> None:
+    lines = path.read_text().splitlines()
+    lines[line] = json.dumps({**json.loads(lines[line]), **fields})
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_duplicate_ids_in_a_release_are_refused_and_named(tmp_path):
+    """A second "T1" made the Italy -> Rome query count the Paris sentence as correct (MRR 1.000);
+    a second sentence id failed only after pretraining, naming none."""
+    bad = tmp_path / "facts"
+    shutil.copytree(RELEASE, bad)
+    _edit(bad / "trex_facts.jsonl", 1, fact_id="T1")
+    with pytest.raises(SchemaError, match=r"trex_facts.jsonl: fact records at record 1 and record 2 share fact_id='T1'"):
+        world_from_release(bad, tmp_path / "w")
+    bad = tmp_path / "sentences"
+    shutil.copytree(RELEASE, bad)
+    first = json.loads((bad / "trex_sentences.jsonl-00000-of-00002").read_text().splitlines()[0])["sentence_id"]
+    _edit(bad / "trex_sentences.jsonl-00001-of-00002", 2, sentence_id=first)
+    with pytest.raises(SchemaError, match=rf"sentence records at trex_sentences.jsonl-00000-of-00002 record 1 and "
+                                          rf"trex_sentences.jsonl-00001-of-00002 record 3 share sentence_id='{first}'"):
+        world_from_release(bad, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_world_directory_with_duplicate_ids_does_not_load(tmp_path):
+    world = world_from_release(RELEASE, tmp_path / "w", queries_per_bucket=1)
+    lines = (world / "queries.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), "example_id": json.loads(lines[0])["example_id"]})
+    (world / "queries.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = json.loads((world / MANIFEST).read_text())  # re-sealed: a world made by other means
+    (world / MANIFEST).unlink()
+    write_manifest(world, {k: v for k, v in manifest.items() if k not in ("files", "content_hash")})
+    write_marker(world)
+    with pytest.raises(SchemaError, match="queries.jsonl: query records at record 1 and record 2 share example_id="):
+        load_world(world)
+
+
+def test_unreadable_or_empty_release_files_are_named(tmp_path):
+    bad = tmp_path / "bytes"
+    shutil.copytree(RELEASE, bad)
+    shard = bad / "trex_sentences.jsonl-00001-of-00002"
+    lines = shard.read_bytes().splitlines()
+    lines[1] = lines[1].replace(b"capital", b"capit\xe0l")
+    shard.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(SchemaError, match=r"trex_sentences.jsonl-00001-of-00002 line 2: byte 0xe0 at column \d+ is not UTF-8"):
+        world_from_release(bad, tmp_path / "w")
+    empty = tmp_path / "empty"
+    shutil.copytree(RELEASE, empty)
+    for shard in empty.glob("trex_sentences.jsonl-*"):
+        shard.write_text("")
+    with pytest.raises(SchemaError, match="hold no sentences"):
+        world_from_release(empty, tmp_path / "w")
+
+
+def test_a_damaged_release_world_is_rebuilt_not_reused(tmp_path):
+    world = world_from_release(RELEASE, tmp_path / "w", queries_per_bucket=1)
+    good = (world / "c4_corpus.jsonl").read_bytes()
+    (world / "c4_corpus.jsonl").write_bytes(good[: len(good) // 2])
+    assert world_from_release(RELEASE, tmp_path / "w", queries_per_bucket=1) == world
+    assert (world / "c4_corpus.jsonl").read_bytes() == good
+    assert len(load_world(world).corpus) == 3
+
+
+def test_k_above_the_corpus_is_refused_before_pretraining(tmp_path):
+    from trackstar.experiment import ConfigError, compose_config, run_cell
+
+    cfg = compose_config(["world=release", f"world.path={RELEASE}", "world.queries_per_bucket=1", "model=micro",
+                          f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}", "progress=false",
+                          "logger=none", "method=bm25"])
+    with pytest.raises(ConfigError, match=r"eval.k=10, but the closed set of the world release-\w+ has 6 passages"):
+        run_cell(cfg)
+    assert not (tmp_path / "art" / "models").exists()  # no model was trained

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from trackstar.attribution import METHODS, TrackStar
 from trackstar.attribution.store import FeatureStore
@@ -337,3 +338,21 @@ def test_failed_run_prints_one_message_and_keeps_the_traceback_in_the_record(tmp
     assert str(tmp_path / "art" / "models") in out.stderr
     (record,) = [r for p in (tmp_path / "res").rglob(METRICS_FILE) for r in [read_record(p)]]
     assert record.status == "failed" and "Traceback" in record.traceback
+
+
+def test_a_table_name_that_leaves_results_dir_is_refused(tmp_path):
+    """table=../../escaped wrote the run record outside results_dir."""
+    overrides = ["table=../../escaped", "method=bm25", f"results_dir={tmp_path / 'res'}",
+                 f"artifacts_dir={tmp_path / 'art'}", "logger=none"]
+    with pytest.raises(ConfigError, match=r"table='../../escaped' is not a plain name"):
+        run_cell(compose_config(overrides), multirun=True)
+    from hydra import compose, initialize_config_dir
+
+    from trackstar.experiment.compose import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        hydra_cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    for where in ("hydra.run.dir", "hydra.sweep.dir"):  # the directory Hydra makes before any job runs
+        with pytest.raises(Exception, match="is not a plain name"):
+            str(OmegaConf.select(hydra_cfg, where, throw_on_resolution_failure=True))
+    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "res").exists()

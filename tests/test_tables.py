@@ -377,14 +377,13 @@ def test_runs_differing_only_in_seeds_are_one_row_over_seeds(tmp_path):
     old["config_id"] += "-old"
     old["seedless_id"] = "ts-setting"
     write(root, old)
-    other = record("table1", "trackstar", 0.9, finished="2024-06-01T00:00:00+00:00")  # seed 1, another setting
-    other["config_id"] += "-micro"
-    other["model"]["seed"], other["model"]["size"], other["seedless_id"] = 1, "micro", "micro-setting"
-    write(root, other)
+    same = record("table1", "trackstar", 0.9, finished="2024-06-01T00:00:00+00:00")  # seed 1, same settings
+    same["config_id"] += "-elsewhere"  # another config id (say another artifacts_dir), nothing result-bearing
+    same["model"]["seed"], same["seedless_id"] = 1, "elsewhere-setting"
+    write(root, same)
     with pytest.warns(UserWarning, match="share a row with a later run"):
         table = TABLES["table1"](load_local_runs(root).frame)
-    # The older seed-0 run and the run of another setting (older than the seeds) are superseded,
-    # never averaged in.
+    # The older seed-0 run and the older run of an equal setting are superseded, never averaged in.
     assert len(table.rows) == 2 and len(table.superseded) == 2
     row = table.rows[table.rows["label:Method"] == "TrackStar"].iloc[0]
     values = list(mrrs.values())
@@ -397,3 +396,71 @@ def test_runs_differing_only_in_seeds_are_one_row_over_seeds(tmp_path):
     markdown = to_markdown(table)
     assert f"{row['mrr']:.3f} [{row['mrr/ci_low']:.3f}, {row['mrr/ci_high']:.3f}]; seeds [" in markdown
     assert "n=3" in markdown and "t-interval across seeds" in markdown
+
+
+def _fp(rec: dict, dtype: str, seedless: str, finished: str) -> dict:
+    rec["method"]["settings"]["model_dtype"] = dtype
+    rec["config_id"] += f"-{dtype}"
+    rec["seedless_id"], rec["finished"] = seedless, finished
+    return rec
+
+
+def test_a_row_never_silently_takes_one_of_two_settings(tmp_path, capsys):
+    """An fp16 run lands in Table 1's TrackStar row beside the fp32 one: its labels do not show
+    the dtype, so the tables refuse and name the setting instead of keeping the later run."""
+    root = tmp_path / "results"
+    write(root, record("table1", "bm25", 0.9))
+    write(root, _fp(record("table1", "trackstar", 0.5), "float32", "fp32", "2025-01-01T00:00:00+00:00"))
+    write(root, _fp(record("table1", "trackstar", 0.7), "float16", "fp16", "2025-02-01T00:00:00+00:00"))
+    with pytest.raises(TablesError, match=r"row 'TrackStar'.*method\.model_dtype: \"float32\".*\"float16\""):
+        TABLES["table1"](load_local_runs(root).frame)
+    out = tmp_path / "tables"
+    assert main(["--results", str(root), "--out", str(out), "--tables", "table1"]) != 0
+    assert "model_dtype" in capsys.readouterr().err and not (out / "table1.md").exists()
+
+
+def _world(rec: dict, *, profile: str | None = None, content: str | None = None, checkpoint: str | None = None) -> dict:
+    if profile:
+        rec["world"]["profile"] = profile
+    rec["artifacts"] = {"world": {"content_hash": content or "w" * 64, "path": "x"},
+                        "checkpoint": {"hash": checkpoint or "c" * 64, "id": "m/c", "path": "y"}}
+    return rec
+
+
+def test_a_table_of_runs_of_two_worlds_is_refused(tmp_path):
+    """grad cosine on the tiny world beside TrackStar on the micro world would pair query Q00000
+    of one world with Q00000 of the other: refused, naming the runs and the differing setting."""
+    root = tmp_path / "results"
+    write(root, _world(record("table1", "grad_cosine", 0.3), profile="tiny"), "cos-tiny")
+    write(root, _world(record("table1", "trackstar", 0.5), profile="micro", content="m" * 64), "ts-micro")
+    with pytest.raises(TablesError, match=r"2 different worlds.*profile: \"tiny\" \(.*cos-tiny\); \"micro\" \(.*ts-micro\)"):
+        TABLES["table1"](load_local_runs(root).frame)
+
+
+def test_one_seed_on_two_world_contents_or_two_checkpoints_is_refused(tmp_path):
+    """Same settings, different content (the world or the model was rebuilt by other code)."""
+    root = tmp_path / "results"
+    write(root, _world(record("table1", "bm25", 0.3)), "old-world")
+    write(root, _world(record("table1", "trackstar", 0.5), content="v" * 64), "new-world")
+    with pytest.raises(TablesError, match="world seed 0 were made on 2 worlds with different content"):
+        TABLES["table1"](load_local_runs(root).frame)
+    root = tmp_path / "results2"
+    write(root, _world(record("table1", "grad_dot", 0.3)), "old-model")
+    write(root, _world(record("table1", "trackstar", 0.5), checkpoint="d" * 64), "new-model")
+    with pytest.raises(TablesError, match="used 2 different checkpoints"):
+        TABLES["table1"](load_local_runs(root).frame)
+    root = tmp_path / "results3"  # the same content and checkpoint: a table
+    write(root, _world(record("table1", "grad_dot", 0.3)))
+    write(root, _world(record("table1", "trackstar", 0.5)))
+    assert len(TABLES["table1"](load_local_runs(root).frame).rows) == 2
+
+
+def test_results_of_baselines_only_make_their_tables(tmp_path, capsys):
+    """Only baseline runs (no gradient settings in any record) failed with `missing field 'd'`."""
+    root = tmp_path / "results"
+    write(root, record("table1", "bm25", 0.5))
+    write(root, record("table1", "dense", 0.4))
+    out = tmp_path / "tables"
+    assert main(["--results", str(root), "--out", str(out)]) == 0
+    assert labels(TABLES["table1"](load_local_runs(root).frame)) == ["BM25", LABELS["dense"]]
+    assert (out / "table1.md").is_file() and (out / "README.md").is_file()

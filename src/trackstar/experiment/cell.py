@@ -39,7 +39,7 @@ from .record import MethodInfo, RunRecord
 from .settings import counterfactual_settings
 from .stages import model_stage, retrain_stage, retrieval_stage, stage_lock, world_stage
 from .tracking import log_to_wandb
-from .validation import ConfigError, validate
+from .validation import ConfigError, check_against_world, validate
 
 log = logging.getLogger("trackstar")
 
@@ -88,6 +88,7 @@ def world_step(cell: CellState) -> None:
     """The world (built, or reused)."""
     cell.world_path = world_stage(cell.cfg, cell.artifacts)
     cell.world = load_world(cell.world_path)
+    check_against_world(cell.cfg, cell.world, cell.world_path.name)
 
 
 def model_step(cell: CellState) -> None:
@@ -104,9 +105,6 @@ def retrieval_step(cell: CellState) -> None:
     """The top-k proponents of every query (cached by the retrieval key)."""
     cfg, world = cell.cfg, cell.world
     n = cfg.eval.n_queries
-    if n is not None and n > len(world.queries):
-        raise ConfigError(f"eval.n_queries={n}, but the world {cell.world_path.name} has {len(world.queries)} queries; "
-                          "lower it, or use null for all of them.")
     queries = world.queries if n is None else world.queries[:n]
     features = features_dir(cell.artifacts, cell.ckpt_id, cfg.eval.corpus)
     cell.task = RetrievalTask(world=world, corpus=cfg.eval.corpus, queries=queries, k=cfg.eval.k,
@@ -252,7 +250,10 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool 
     ``multirun``, records it as a failed job instead, so the sweep goes on). A
     failure after that is recorded; it is raised again unless ``multirun``.
     """
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    try:
+        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    except ValueError as exc:  # a table name that would leave results_dir: no record is written anywhere
+        raise ConfigError(str(exc)) from None
     try:
         retriever = validate(cfg)
     except ConfigError as exc:

@@ -1,7 +1,8 @@
 """The config tree's registrations and composing a config without a Hydra app.
 
 :func:`register` puts the typed schema in Hydra's ConfigStore and the
-resolvers the config files use (``ts_run_id``: a run's id; ``ts_rows``: a
+resolvers the config files use (``ts_run_id``: a run's id; ``ts_table``: the
+table's directory name, refused unless plain; ``ts_rows``: a
 shared list of method rows for a sweep's ``method`` axis). ``trackstar-run``
 calls it before Hydra starts; :func:`compose_config` before composing.
 """
@@ -15,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from ..sweeps import method_rows
-from .ids import run_id
+from .ids import run_id, table_name
 from .schema import register as register_schema
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -25,6 +26,7 @@ def register() -> None:
     """Register the schema and the resolvers (idempotent)."""
     register_schema()
     OmegaConf.register_new_resolver("ts_run_id", run_id, replace=True)
+    OmegaConf.register_new_resolver("ts_table", table_name, replace=True)
     OmegaConf.register_new_resolver("ts_rows", lambda name: ",".join(method_rows(name)), replace=True)
 
 

@@ -11,6 +11,7 @@ that runs share.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +60,21 @@ def config_id(cfg: DictConfig, seeds: bool = True) -> str:
     return config_hash(_stable_groups({k: v for k, v in resolved.items() if k not in RUNTIME_KEYS}))
 
 
+def table_name(name) -> str:
+    """``name`` when it is one plain directory name (run records go to
+    ``results_dir/<table>/``); a ValueError naming the fix otherwise (``../x`` would
+    write outside ``results_dir``). Also the ``ts_table`` resolver of config.yaml."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"table={name!r} is not a plain name: a run's record goes to results_dir/<table>/, so the "
+                         "table names one directory there. Use letters, digits, '_', '-' and '.' (e.g. table=table1 "
+                         "or table=my_ablation).")
+    return name
+
+
 def default_run_dir(cfg: DictConfig) -> Path:
     """Where a run outside Hydra lands: as ``trackstar-run`` would put it."""
     ident = run_id(*(cfg[g] for g in RUN_ID_GROUPS))
-    return Path(cfg.results_dir) / cfg.table / f"{cfg.method.name}-{cfg.eval.corpus}-{ident}"
+    return Path(cfg.results_dir) / table_name(cfg.table) / f"{cfg.method.name}-{cfg.eval.corpus}-{ident}"
 
 
 def world_dir(artifacts: Path, profile: str, seed: int, style: str = "templated", knobs=None) -> Path:

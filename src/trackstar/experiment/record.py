@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -144,6 +145,13 @@ class RunRecord:
             return "release"
         return self.world.get("style") or "templated"
 
+    def setting(self) -> dict:
+        """Everything that determines the run's numbers except its seeds (world, model and
+        projection): runs of one table row must agree on all of it."""
+        return {"world": _without(self.world, "seed", "path"), "model": _without(self.model, "seed"),
+                "eval": dict(self.eval), "corpus": self.corpus,
+                "method": {"name": self.method.name, **_without(self.method.settings, "seed")}}
+
     def table_row(self, run_id: str) -> dict:
         """One row of the tables' DataFrame: identity, settings, flat metrics."""
         row = {
@@ -169,11 +177,26 @@ class RunRecord:
             "lam_default": self.info.get("lambda_default"),
             "confidence": self.eval.get("confidence"),
             "bootstrap_resamples": self.eval.get("bootstrap_resamples"),
+            # What the tables check before putting runs side by side (see tables.aggregate).
+            "world_hash": (self.artifacts.get("world") or {}).get("content_hash"),
+            "checkpoint_hash": (self.artifacts.get("checkpoint") or {}).get("hash"),
+            "world_setting": canonical(_without(self.world, "seed", "path")),
+            "model_config": canonical(self.model),
+            "setting": canonical(self.setting()),
         }
         row.update({k: v for k, v in self.method.settings.items() if k not in row})
         row.update({f"{DIAGNOSTIC_PREFIX}{k}": v for k, v in (self.info.get("curvature_diagnostic") or {}).items()})
         row.update(self.flat_metrics())
         return row
+
+
+def _without(mapping: dict, *keys: str) -> dict:
+    return {k: v for k, v in (mapping or {}).items() if k not in keys}
+
+
+def canonical(value) -> str:
+    """``value`` as one comparable string (sorted keys)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def flatten_metrics(metrics: dict, splits: dict) -> dict:

@@ -24,6 +24,7 @@ from ..world import get_profile
 from ..world.profiles import style_knobs
 from ..world.release import FACTS_FILE, RELEASE_PROFILE
 from ..world.store import check_seed
+from .ids import table_name
 from .settings import container, corpus_spec, counterfactual_settings, method_options, pretrain_config
 
 #: What a shard job (shard.index set) does: extract its features, or rank its rows.
@@ -37,6 +38,7 @@ class ConfigError(ValueError):
 def validate(cfg: DictConfig):
     """Check every value before any work starts; returns the configured retriever."""
     try:
+        table_name(cfg.table)
         _check_world(cfg.world)
         _check_model(cfg.model)
         retriever = _configured_retriever(cfg)
@@ -174,3 +176,17 @@ def _skeleton(model_cfg):
             raise ValueError(f"model.hf_name_or_path={model_cfg.hf_name_or_path!r} cannot be loaded: {exc}") from None
     preset = pretrain_config(model_cfg)
     return model_skeleton(preset.family, preset.size, preset.vocab_size, preset.context_length)
+
+
+def check_against_world(cfg: DictConfig, world, name: str) -> None:
+    """The checks that need the built world (its queries and corpus sizes): run right after
+    the world stage, before any model is trained or loaded."""
+    n = cfg.eval.n_queries
+    if n is not None and n > len(world.queries):
+        raise ConfigError(f"eval.n_queries={n}, but the world {name} has {len(world.queries)} queries; "
+                          "lower it, or use null for all of them.")
+    size = len(world.sentences) if cfg.eval.corpus == "closed" else len(world.corpus)
+    if cfg.eval.k > size:
+        raise ConfigError(f"eval.k={cfg.eval.k}, but the {cfg.eval.corpus} set of the world {name} has {size} "
+                          f"passages; lower eval.k to at most {size} (and eval.tail_patch_ks and counterfactual.k "
+                          "with it).")

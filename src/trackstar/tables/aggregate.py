@@ -2,10 +2,11 @@
 
 Each table takes the runs tagged with its name (the run's ``table`` field;
 A.6 and A.7 fall back to the Table 1 runs), keys each run to a row, and reads
-its metric columns. Two runs with one row key and the same seeds (a re-run after
-a config change leaves the old directory behind) keep the most recently
-finished one; the superseded run is named in a warning and in the table's
-provenance. Runs of one row key with different seeds are one row over seeds
+its metric columns. The runs of a table must be of one world and their rows of
+one setting each (:mod:`.consistency` refuses anything else, naming the runs and
+the settings). Two runs of one row whose settings agree (a config id can differ
+without a result-bearing setting) keep the most recently finished one; the
+superseded run is named in a warning and in the table's provenance. Runs of one row key with different seeds are one row over seeds
 (:func:`over_seeds`).
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .consistency import check_comparable, check_one_setting_per_row
 from .runs import TablesError
 
 CURVATURE_LABELS = {"none": "none", "train": "R_train", "mix": "R_mix"}
@@ -139,11 +141,14 @@ def build_table(
     key: Callable[[pd.Series], tuple],
     note: str | None,
     strict: bool,
+    world_lines: Callable[[pd.Series], str] | None = None,
 ) -> PaperTable | None:
     """One row per distinct ``key`` (sorted by it), labelled by ``labels``; None without runs.
 
     A label is stored as column ``label:<header>`` so that it never shadows a
-    run field of the same name (Table A.4's ``d``).
+    run field of the same name (Table A.4's ``d``). The runs must be of one world,
+    or of one world per value of ``world_lines`` when the labels show it (Figure 2's
+    training regimes).
     """
     if runs.empty:
         return None
@@ -152,9 +157,17 @@ def build_table(
                        # Seeds of one setting share their seedless id (records without one stand alone).
                        _setting=[r.get("seedless_id") if isinstance(r.get("seedless_id"), str) else r["run"]
                                  for _, r in runs.iterrows()])
+    for _, same_world in (runs.groupby(runs.apply(world_lines, axis=1), sort=False) if world_lines else [(None, runs)]):
+        check_comparable(name, same_world)
     ordered = runs.sort_values("finished", na_position="first", kind="stable")
     latest = ordered.groupby(["_key", "_setting", "_seeds"], sort=False).tail(1)
-    # One setting per row: the one whose run finished last; other settings' runs are superseded.
+    for _, group in latest.groupby("_key", sort=False):
+        if group["_setting"].nunique() > 1 and "setting" in group:
+            per_setting = group.groupby("_setting", sort=False).tail(1)
+            row = " / ".join(str(make(per_setting.iloc[-1])) for make in labels.values())
+            check_one_setting_per_row(name, row, dict(zip(per_setting["run"], per_setting["setting"])))
+    # Settings that agree on everything (a config id can differ without a result-bearing
+    # setting: another artifacts_dir): the one whose run finished last; the others are superseded.
     chosen = latest.groupby("_key", sort=False).tail(1)[["_key", "_setting"]]
     latest = latest.merge(chosen, on=["_key", "_setting"])
     superseded = sorted(set(runs["run"]) - set(latest["run"]))

@@ -80,7 +80,7 @@ def figure2(runs: pd.DataFrame, strict: bool = False) -> Figure2 | None:
             FIGURE_COLUMNS,
             key=lambda r, p=panel: (r["method"], regime_label(r) if p != "d" else "",
                                     SIZE_ORDER.index(r["model_size"]) if p == "step" else 0, _x(p, r)),
-            note=panel_note, strict=strict,
+            note=panel_note, strict=strict, world_lines=None if panel == "d" else regime_label,
         )
     result = Figure2(panels)
     return result if result.present else None

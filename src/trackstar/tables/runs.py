@@ -31,6 +31,8 @@ import pandas as pd
 
 from ..experiment.record import METRICS_FILE, WANDB_CONFIG_KEY, RecordSchemaError, RunRecord, read_record
 
+#: A gradient run's settings that the tables key or filter rows by.
+GRADIENT_COLUMNS = ("output_fn", "use_v", "curvature", "unit_norm", "lam", "projection", "d")
 SWEEP_HINT = "trackstar-run -m --config-dir sweeps --config-name table1"
 
 
@@ -184,4 +186,7 @@ def _runset(rows: list[dict], failed: list[dict], stale: list[str], strict: bool
             f"No finished runs {where} ({len(failed)} failed, {len(stale)} of another schema or damaged). Fix the "
             f"failures listed above and re-run the sweep, e.g. `{SWEEP_HINT}`."
         )
-    return RunSet(pd.DataFrame(rows), source, failed, stale)
+    frame = pd.DataFrame(rows)
+    # Results of baselines only have no gradient settings: the tables still find the columns.
+    missing = [c for c in GRADIENT_COLUMNS if c not in frame]
+    return RunSet(frame.reindex(columns=[*frame.columns, *missing]), source, failed, stale)

@@ -9,7 +9,7 @@ The release (SPEC §2.1) ships ``trex_facts.jsonl`` and the closed set as
 - an open set that can also serve as a pretraining corpus: the release has no
   C4 passages, so each abstract (its sentences in ``sent_idx_in_abst`` order)
   is one passage, with the union of its sentences' facts. A real corpus can
-  be used as the open set instead (see the README);
+  be used as the open set instead (see docs/real_data_and_scale.md);
 - queries: up to ``queries_per_bucket`` facts per frequency bucket, drawn
   with ``seed``. A fact's bucket is its ``c4_frequency_bucket`` where the file
   marks one, else the decade of its ``c4_frequency`` (0; 1–9; 10–99; 100–999;
@@ -31,12 +31,13 @@ from ..io import (
     ArtifactError,
     atomic_directory,
     config_hash,
+    discard_if_damaged,
     is_complete,
     read_json,
     input_digest,
     write_jsonl,
 )
-from .schema import SchemaError, validate_records
+from .schema import SchemaError, check_unique, validate_records
 
 FACTS_FILE = "trex_facts.jsonl"
 SENTENCES_GLOB = "trex_sentences.jsonl-*-of-*"
@@ -51,8 +52,14 @@ def frequency_bucket(frequency: int) -> int:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SchemaError(f"{path} line {line_no}: byte {raw[exc.start]:#04x} at column {exc.start + 1} is not "
+                                  "UTF-8; the release files are UTF-8 JSON lines. Re-encode the file "
+                                  "(e.g. `iconv -f latin1 -t utf-8`).") from None
             if not line.strip():
                 continue
             try:
@@ -73,6 +80,7 @@ def read_release(release_dir: str | os.PathLike) -> tuple[list[dict], list[tuple
         raise ArtifactError(f"{str(release_dir)!r} has no closed-set shards ({SENTENCES_GLOB}).")
     facts = _read_jsonl(release_dir / FACTS_FILE)
     validate_records("fact", facts, str(release_dir / FACTS_FILE))
+    check_unique("fact", facts, str(release_dir / FACTS_FILE))
     sentences = []
     for shard in shards:
         records = _read_jsonl(shard)
@@ -80,6 +88,12 @@ def read_release(release_dir: str | os.PathLike) -> tuple[list[dict], list[tuple
         sentences.append((shard.name, records))
     if not facts:
         raise SchemaError(f"{release_dir / FACTS_FILE} holds no facts.")
+    if not any(records for _, records in sentences):
+        raise SchemaError(f"{str(release_dir)!r}: its closed-set shards ({', '.join(n for n, _ in sentences)}) hold no "
+                          "sentences, so no fact can be traced. Give the directory with the release's filled "
+                          f"{SENTENCES_GLOB} files.")
+    check_unique("sentence", (s for _, records in sentences for s in records), str(release_dir),
+                 (f"{name} record {i + 1}" for name, records in sentences for i in range(len(records))))
     return facts, sentences
 
 
@@ -161,8 +175,12 @@ def world_from_release(release_dir: str | os.PathLike, out_dir: str | os.PathLik
     out_dir = Path(out_dir)
     key = release_key(release_dir, queries_per_bucket, seed)
     if out_dir.exists():
-        if is_complete(out_dir) and read_json(out_dir / MANIFEST).get("release_key") == key:
+        # A release world is a function of its key (the release files and the sampling): a
+        # damaged one is rebuilt, never reused.
+        if (is_complete(out_dir) and read_json(out_dir / MANIFEST).get("release_key") == key
+                and discard_if_damaged(out_dir, "Release world")):
             return out_dir
+    if out_dir.exists():
         raise ArtifactError(f"{str(out_dir)!r} already exists and is not this release's world (other files or "
                             "settings, or unfinished). Choose another output directory or delete it.")
     facts, shards = read_release(release_dir)

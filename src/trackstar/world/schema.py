@@ -60,8 +60,28 @@ QUERY_FIELDS: dict[str, type | tuple[type, ...]] = {
 SCHEMAS = {"fact": FACT_FIELDS, "sentence": SENTENCE_FIELDS, "corpus": CORPUS_FIELDS, "query": QUERY_FIELDS}
 
 
+#: The field that names each record of a kind: unique within a world, since labels,
+#: judgements and metrics are looked up by it.
+ID_FIELDS = {"fact": "fact_id", "sentence": "sentence_id", "corpus": "doc_id", "query": "example_id"}
+
+
 class SchemaError(ValueError):
     """A record does not follow its release schema."""
+
+
+def check_unique(kind: str, records: Iterable[dict], source: str, places: Iterable[str] | None = None) -> None:
+    """Raise :class:`SchemaError` on the first id (:data:`ID_FIELDS`) that two records of
+    ``source`` share, naming both (``places``: where each record is, default its line)."""
+    key = ID_FIELDS[kind]
+    seen: dict[str, str] = {}
+    places = iter(places) if places is not None else (f"record {i}" for i in range(1, 1 << 62))
+    for rec, place in zip(records, places):
+        ident = rec[key]
+        if ident in seen:
+            raise SchemaError(
+                f"{source}: {kind} records at {seen[ident]} and {place} share {key}={ident!r}; each {kind} needs "
+                f"its own {key} (labels and metrics are looked up by it). Remove or rename the duplicate.")
+        seen[ident] = place
 
 
 def validate_records(kind: str, records: Iterable[dict], source: str) -> None:

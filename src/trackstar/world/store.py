@@ -34,7 +34,7 @@ from ..io import (
 from .generate import GENERATOR_VERSION, N_BUCKETS, fact_record, generate_world
 from .natural import NATURAL_VERSION
 from .profiles import get_profile, style_knobs
-from .schema import validate_records
+from .schema import check_unique, validate_records
 
 MANIFEST = "manifest.json"
 FACTS_FILE = "trex_facts.jsonl"
@@ -184,6 +184,10 @@ def load_world(path: str | os.PathLike, validate: bool = True) -> LoadedWorld:
         validate_records("sentence", world.sentences, f"{path}/trex_sentences.jsonl-*")
         validate_records("corpus", world.corpus, str(path / CORPUS_FILE))
         validate_records("query", world.queries, str(path / QUERIES_FILE))
+        for kind, records, source in (("fact", world.facts, path / FACTS_FILE), ("sentence", world.sentences, path),
+                                      ("corpus", world.corpus, path / CORPUS_FILE),
+                                      ("query", world.queries, path / QUERIES_FILE)):
+            check_unique(kind, records, str(source))
     return world
 
 
