@@ -174,3 +174,25 @@ def test_settings_and_presets_validate():
     assert set(METHODS) == {"grad_dot", "grad_cosine", "trak", "exp1", "exp2", "exp3", "exp4",
                             "exp5", "trackstar", "first_order"}
     assert METHODS["trak"].output_fn == "margin" and not METHODS["trak"].unit_norm
+
+
+def test_a_full_disk_is_a_clear_error_before_any_feature_is_written(tmp_path, monkeypatch):
+    """Writing features through the memory map on a full disk died with SIGBUS (rc 135) and no
+    message; the store now reserves its blocks when created and names what it needs."""
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform")
+    meta = {"kind": "train", "row_ids": list(range(1000)), "d": 256, "dtype": "float32"}
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ArtifactError, match=r"No space left for the feature store .*needs 1\.0 MiB.*artifacts_dir"):
+        FeatureStore.create(tmp_path / "s", meta)
+    assert not (tmp_path / "s" / "features.npy").exists()
+    monkeypatch.undo()
+    store = FeatureStore.create(tmp_path / "s", meta)  # with space, the same store starts
+    assert store.rows_done == 0 and store.array.shape == (1000, 256)

@@ -48,6 +48,13 @@ def test_bad_corpora_name_the_problem(files, tmp_path):
         list(passages(CorpusSpec("jsonl", str(files / "docs.jsonl"), text_field="body")))
     with pytest.raises(CorpusError, match="no such file"):
         CorpusSpec("parquet", str(tmp_path / "none.parquet")).check_paths()
+    lines = (files / "docs.jsonl").read_text().splitlines()
+    (tmp_path / "bad.jsonl").write_text("\n".join([*lines[:2], '{"text": "cut off', *lines[2:]]) + "\n")
+    with pytest.raises(CorpusError, match=r"bad.jsonl line 3: not valid JSON .*one JSON document per line"):
+        list(passages(CorpusSpec("jsonl", str(tmp_path / "bad.jsonl"))))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match=r"latin1.jsonl line 1: byte 0xe9 is not UTF-8"):
+        list(passages(CorpusSpec("jsonl", str(tmp_path / "latin1.jsonl"))))
     with pytest.raises(CorpusError, match="needs corpus.name"):
         CorpusSpec("hf")
     with pytest.raises(CorpusError, match="use one of"):
@@ -98,3 +105,16 @@ def test_a_sweep_cell_and_pretraining_take_the_corpus(files, tmp_path):
           "--size", "micro", "--corpus-source", "parquet", "--corpus-path", str(files / "docs.parquet"),
           "--passage-words", "40"])
     assert list((tmp_path / "art" / "models").glob("micro-s0+corpus-*/gpt2-micro-*/pretrain.json"))
+
+
+def test_passages_are_bounded_even_without_whitespace(tmp_path):
+    """A 2 MB document without spaces was one passage (then minutes of silent tokenizer training)."""
+    from trackstar.world.corpus import MAX_WORD_CHARS
+
+    blob = "x" * 2_000_000
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": f"A short start. {blob} the end"}) + "\n")
+    spec = CorpusSpec("jsonl", str(tmp_path / "docs.jsonl"), passage_words=96)
+    out = list(passages(spec))
+    assert max(len(p["text"]) for p in out) <= 96 * (MAX_WORD_CHARS + 1)
+    assert "".join(p["text"].replace(" ", "") for p in out) == f"Ashortstart.{blob}theend"  # nothing lost
+    assert len(out) == -(-(3 + -(-len(blob) // MAX_WORD_CHARS) + 2) // 96)

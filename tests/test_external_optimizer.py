@@ -1,8 +1,13 @@
 """A published optimizer state for a Hugging Face model: exact V and tail-patch, or a clear error."""
 
+import pickle
+from pathlib import Path
+
 import pytest
 import torch
 
+from trackstar.experiment.record import METRICS_FILE, read_record
+from trackstar.io import ArtifactError
 from trackstar.lm import load_checkpoint, load_hf_causal_lm
 from trackstar.lm.external_optimizer import OptimizerStateError, attach_optimizer_state
 
@@ -58,6 +63,10 @@ def test_state_of_another_model_names_the_parameter_and_both_shapes(micro_checkp
     with pytest.raises(OptimizerStateError, match=r"parameter 'transformer.wte.weight' has shape \(\d+, 32\), so its "
                                                   r"'exp_avg' needs shape \(\d+, 32\), but the state has \(512, 128\)"):
         attach_optimizer_state(load_hf_causal_lm(micro_checkpoint_dir), tmp_path / "other.pt")
+    (tmp_path / "garbage.pt").write_bytes(pickle.dumps(ArtifactError))  # torch's text says weights_only=False
+    with pytest.raises(ArtifactError, match="is not a file torch can load safely") as caught:
+        attach_optimizer_state(load_hf_causal_lm(micro_checkpoint_dir), tmp_path / "garbage.pt")
+    assert "weights_only` set to `False" not in str(caught.value) and "torch.save(optimizer.state_dict()" in str(caught.value)
     torch.save({"not": "a state dict"}, tmp_path / "bad.pt")
     with pytest.raises(OptimizerStateError, match="not an optimizer state_dict"):
         attach_optimizer_state(load_hf_causal_lm(micro_checkpoint_dir), tmp_path / "bad.pt")
@@ -77,6 +86,12 @@ def test_hf_model_with_its_optimizer_state_traces_like_our_own_checkpoint(micro_
                                   f"model.optimizer_state={micro_checkpoint_dir / OPTIMIZER_FILE}",
                                   f"model.learning_rate={own.learning_rate}"]))
     assert hf.status == "finished" and "tail_patch@10" in hf.metrics and hf.info["v_source"] != "estimated"
+    # The record describes the model that ran, not the defaults of our own models' config group.
+    n_params = sum(p.numel() for p in own.model.parameters())
+    assert {k: hf.model[k] for k in ("family", "size", "seed", "optimizer", "parameters", "learning_rate")} == {
+        "family": own.model.config.model_type, "size": None, "seed": None, "optimizer": "torch_adafactor",
+        "parameters": n_params, "learning_rate": own.learning_rate}
+    assert read_record(Path(hf.run_dir) / METRICS_FILE).model == hf.model
     mine = run_cell(compose_config([*common, "model=micro"]))  # the same weights, pretrained by the pipeline
     assert mine.status == "finished"
     for metric in ("mrr", "tail_patch@10"):

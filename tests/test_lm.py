@@ -240,6 +240,25 @@ def test_resume_after_kill_matches_uninterrupted_run(world, micro_run, tmp_path,
     assert resumed.trainer_state["loss_history"] == reference.trainer_state["loss_history"]
 
 
+def test_a_damaged_final_checkpoint_is_fixed_by_its_hint(world, micro_run, tmp_path):
+    """The load error says: delete the checkpoint and re-run pretraining. That used to fail
+    next on the finished run's summary; now the run resumes and writes it again, equal."""
+    out = Path(shutil.copytree(micro_run, tmp_path / "run"))
+    final = final_checkpoint(out)
+    with open(final / "model.safetensors", "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\x00" * 8)
+    with pytest.raises(ArtifactError, match=r"corrupted.*Delete this checkpoint directory and re-run pretraining"):
+        load_checkpoint(final)
+    shutil.rmtree(final)  # what the hint says
+    pretrain_model(world, out, MICRO, progress=False)
+    assert_same_parameters(load_checkpoint(final_checkpoint(out)).model,
+                           load_checkpoint(final_checkpoint(micro_run)).model)
+    (out / read_json(out / "pretrain.json")["checkpoints"][0]["name"] / "optimizer.pt").unlink()  # an earlier one
+    pretrain_model(world, out, MICRO, progress=False)  # every checkpoint from it on is written again
+    assert all((out / e["name"] / "optimizer.pt").is_file() for e in read_json(out / "pretrain.json")["checkpoints"])
+
+
 def test_fresh_run_is_deterministic(world, micro_run, tmp_path):
     again = pretrain_model(world, tmp_path / "again", MICRO, progress=False)
     assert_same_parameters(load_checkpoint(final_checkpoint(again)).model,

@@ -355,4 +355,105 @@ def test_a_table_name_that_leaves_results_dir_is_refused(tmp_path):
     for where in ("hydra.run.dir", "hydra.sweep.dir"):  # the directory Hydra makes before any job runs
         with pytest.raises(Exception, match="is not a plain name"):
             str(OmegaConf.select(hydra_cfg, where, throw_on_resolution_failure=True))
-    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "res").exists()
+    assert not (tmp_path.parent / "escaped").exists() and not any((tmp_path / "res").rglob("*"))
+    # trackstar-run checks them before Hydra makes its directories (Hydra's report is a traceback).
+    from trackstar.experiment.run import main
+
+    with pytest.raises(SystemExit, match=r"^trackstar-run: invalid config: table='../../escaped' is not a plain"):
+        main(["-m", "method=bm25", "table=table1,../../escaped"])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match=r"^trackstar-run: invalid config: results_dir '.*afile/res' is not writable"):
+        main(["method=bm25", f"results_dir={tmp_path / 'afile' / 'res'}"])
+
+
+def test_a_moved_artifacts_dir_keeps_its_features_and_finished_runs(tmp_path):
+    """Clusters mount shared storage at different paths: a copied or moved artifacts dir
+    re-extracted every feature (the checkpoint's path was in the store key) and re-ran
+    finished cells (artifacts_dir was in the config id)."""
+    common = ["world=micro", "world.style=templated", "model=micro", "method=grad_dot", "method.d=64",
+              "eval.n_queries=4", "eval.tail_patch=false", "eval.bootstrap_resamples=50", "progress=false",
+              "logger=none"]
+    here = [f"artifacts_dir={tmp_path / 'a'}", f"results_dir={tmp_path / 'r'}"]
+    first = run_cell(compose_config([*common, *here]))
+    assert first.status == "finished"
+    (tmp_path / "mnt").mkdir()
+    for name in ("a", "r"):
+        (tmp_path / name).rename(tmp_path / "mnt" / name)
+    stores = {p: p.stat().st_mtime_ns for p in (tmp_path / "mnt" / "a" / "features").rglob("COMPLETE")}
+    there = [f"artifacts_dir={tmp_path / 'mnt' / 'a'}", f"results_dir={tmp_path / 'mnt' / 'r'}"]
+    run_dir = tmp_path / "mnt" / "r" / Path(first.run_dir).relative_to(tmp_path / "r")
+    run_cell(compose_config([*common, *there]))
+    assert len(attempts(run_dir)) == 1  # skipped: the finished run, not a new attempt
+    again = run_cell(compose_config([*common, *there, "force=true"]))
+    assert len(attempts(run_dir)) == 2 and again.metrics == first.metrics
+    # Every feature store was reused: none added, none rewritten.
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "mnt" / "a" / "features").rglob("COMPLETE")} == stores
+
+
+def _children(pid: int) -> dict[int, str]:
+    """pid -> command line of the live processes whose parent is ``pid`` (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_parallel_sweep_workers_die_with_their_main_process(tmp_path):
+    """kill -9 of a hydra/launcher=parallel sweep's main process left its workers running for
+    minutes, holding the compute slot the re-run waited for."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "trackstar.experiment.run", "-m", "hydra/launcher=parallel", "world=micro",
+           "model=micro", "model.seed=5,6", "method=bm25", f"artifacts_dir={tmp_path / 'a'}",
+           f"results_dir={tmp_path / 'r'}", "progress=false", "logger=none"]
+    main = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.monotonic() + 180, {}
+        while time.monotonic() < deadline and not (tmp_path / "a" / "models").exists():
+            workers = {p: c for p, c in _children(main.pid).items() if "loky" in c and "resource_tracker" not in c}
+            time.sleep(0.2)
+        assert workers and main.poll() is None, "the sweep's workers never started pretraining"
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers), "a worker outlived the sweep's main process"
+    finally:
+        main.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_full_disk_while_writing_a_record_names_the_file(tmp_path, monkeypatch):
+    """A full results_dir gave `[Errno 28]` with no path; the old file stays as it was."""
+    import errno
+
+    from trackstar.io import atomic_write_json
+
+    atomic_write_json(tmp_path / "metrics.json", {"status": "finished"})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ArtifactError, match=rf"No space left .* of '{tmp_path}' while writing metrics.json"):
+        atomic_write_json(tmp_path / "metrics.json", {"status": "running"})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"status": "finished"}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind

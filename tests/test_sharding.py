@@ -56,6 +56,20 @@ def test_three_shards_give_the_unsharded_results(checkpoint, micro_world, tmp_pa
     assert result.lam == whole.lam
 
 
+def test_shard_jobs_after_an_unsharded_run_reuse_its_features(checkpoint, micro_world, tmp_path):
+    """A sharded map after an unsharded run of the same cell died with `missing field 'shard'`."""
+    texts, queries = _inputs(micro_world)
+    whole = _engine(checkpoint, tmp_path / "w").attribute(texts, queries)
+    engine = _engine(checkpoint, tmp_path / "w")
+    for index in (0, 1, 2):
+        store = engine.extract_shard(texts, index, 3)
+        assert "shard" not in store.meta and store.n_rows == len(texts)  # the whole store, untouched
+    assert not list((tmp_path / "w" / "curvature").glob("rsum-*.pt"))
+    again = engine.attribute(texts, queries, shards=3)
+    assert again.proponent_ids == whole.proponent_ids
+    np.testing.assert_array_equal(again.proponent_scores, whole.proponent_scores)
+
+
 @pytest.mark.parametrize("extracted_in_shards", [True, False])
 def test_sharded_scoring_merges_to_the_unsharded_top_k(checkpoint, micro_world, tmp_path, extracted_in_shards):
     """Each scoring job ranks its shard's rows; attribute() merges them, exactly."""
@@ -136,6 +150,12 @@ def test_sharded_sweep_through_hydra_equals_the_unsharded_cell(tmp_path):
     a = [json.loads(line)["proponent_ids"] for line in open(f"{sharded.run_dir}/retrievals.jsonl")]
     b = [json.loads(line)["proponent_ids"] for line in open(f"{whole.run_dir}/retrievals.jsonl")]
     assert a == b
+    # A map job after the unsharded run of the cell (it died with `missing field 'shard'`): nothing to do.
+    from trackstar.experiment.shard import shard_job
+
+    path = shard_job(compose_config([*common, f"artifacts_dir={tmp_path / 'art-whole'}", "shard.count=3",
+                                     "shard.index=0"]))
+    assert path.is_dir() and not path.name.startswith("shard-")
 
 
 @pytest.mark.slow

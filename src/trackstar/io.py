@@ -12,6 +12,7 @@ re-hashes the content and names the file that changed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -61,9 +62,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ArtifactError(f"No space left on the device (or quota) of {str(path.parent)!r} while writing "
+                                f"{path.name} ({len(data):,} bytes). Free space there or point the run elsewhere "
+                                "(results_dir / artifacts_dir); what was written before is kept.") from None
         raise
 
 

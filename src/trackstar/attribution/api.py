@@ -224,13 +224,17 @@ class TrackStar:
                       train_ids: Sequence | None = None):
         """The map step of a sharded run: shard ``index`` of ``count`` of the training
         features, and its part of R_train (sum of outer products and count), so that
-        :meth:`attribute` with the same texts only has to merge them and score."""
+        :meth:`attribute` with the same texts only has to merge them and score. When an
+        unsharded run already extracted them whole, that store is returned (no ``shard``
+        in its meta) and the reduce reads it as it is."""
         check_shard(index, count)
         if self._step_side:  # refused before any extraction, as unsharded
             self._optimizer_step()
         train_ids = list(range(len(train_texts))) if train_ids is None else list(train_ids)
         examples = self.training_examples(train_texts, train_ids)
         shard = self.featurize(examples, "train", train_ids, self.second_moment(examples), shard=(index, count))
+        if "shard" not in shard.meta:  # an unsharded run extracted them whole: nothing is left to map
+            return shard
         if self.settings.curvature != "none":
             CurvatureCache(self.work_dir / "curvature").shard_sums(shard, self._blocks(shard), self.settings.chunk_rows,
                                                                    self.device)

@@ -26,9 +26,11 @@ metadata differs from the expected settings raises
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import mmap
+import os
 import shutil
 import zlib
 from collections.abc import Iterator
@@ -61,13 +63,37 @@ IDENTITY_KEYS = (
 
 
 def model_fingerprint(model: torch.nn.Module) -> tuple[str, str]:
-    """(model id, sha256 of every parameter's name, shape, dtype and bytes)."""
+    """(model id, sha256 of every parameter's name, shape, dtype and bytes).
+
+    The id is the model's class, never where it was loaded from (``config._name_or_path``
+    is a path for a local checkpoint): an artifacts directory copied, moved or mounted
+    elsewhere keeps its feature stores. The hash says which weights.
+    """
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    ident = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    return f"{type(model).__name__}:{ident}", h.hexdigest()
+    return type(model).__name__, h.hexdigest()
+
+
+def reserve_disk(file: Path) -> None:
+    """Give the (sparse) memory-mapped ``file`` its blocks now: on a full disk, writing
+    through the map later kills the process with SIGBUS and no message; reserving
+    them up front fails here instead, naming the file and the space it needs."""
+    size = file.stat().st_size
+    if not hasattr(os, "posix_fallocate") or size == 0:
+        return
+    try:
+        with file.open("r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            file.unlink(missing_ok=True)
+            raise ArtifactError(f"No space left for the feature store {str(file.parent)!r}: it needs "
+                                f"{size / 2**20:,.1f} MiB. Free disk space or set artifacts_dir to a larger disk; "
+                                "finished stages are kept.") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # filesystems without fallocate
+            raise
 
 
 def compare_meta(found: dict, expected: dict, where: Path, keys=IDENTITY_KEYS) -> None:
@@ -220,6 +246,7 @@ class FeatureStore:
             path / "features.npy", mode="w+", dtype=_NUMPY_DTYPES[meta["dtype"]],
             shape=(meta["n_rows"], meta["d"]),
         )
+        reserve_disk(path / "features.npy")
         atomic_write_json(path / "progress.json", {"rows_done": 0, "chunks": []})
         return cls(path, meta, array, 0, [])
 

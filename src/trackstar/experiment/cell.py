@@ -95,10 +95,21 @@ def model_step(cell: CellState) -> None:
     """The checkpoint (pretrained first if missing) and its answers to the queries."""
     cell.checkpoint, cell.ckpt_path, cell.ckpt_id = model_stage(cell.cfg, cell.artifacts, cell.world_path, cell.device)
     if cell.ckpt_path is None:
+        cell.record.model = foreign_model(cell.cfg.model, cell.checkpoint)
         with cell.numeric():
             cell.query_eval = evaluate_queries(cell.checkpoint.model, cell.checkpoint.tokenizer, cell.world.queries)
     else:
         cell.query_eval = read_jsonl(cell.ckpt_path / "query_eval.jsonl")
+
+
+def foreign_model(model_cfg, checkpoint) -> dict:
+    """The run record's ``model`` for a Hugging Face model: what ran (its architecture,
+    size and optimizer state), not the defaults of our own models' config group."""
+    return {"hf_name_or_path": model_cfg.hf_name_or_path, "family": checkpoint.model.config.model_type,
+            "parameters": sum(p.numel() for p in checkpoint.model.parameters()), "size": None, "seed": None,
+            "optimizer": checkpoint.trainer_state.get("optimizer"), "optimizer_state": model_cfg.optimizer_state,
+            "learning_rate": checkpoint.learning_rate, "checkpoint": None, "checkpoint_fractions": None,
+            "epochs": None}
 
 
 def retrieval_step(cell: CellState) -> None:
@@ -305,7 +316,7 @@ def _failed(record: RunRecord, exc: Exception, kept: RunRecord | None, run_dir: 
 def _log_and_print(cfg: DictConfig, record: RunRecord, run_dir: Path, attempt: str, retrievals, per_query,
                    wandb_group: str | None) -> None:
     """Mirror the record to W&B (the record then names the W&B run) and print its headline."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {**OmegaConf.to_container(cfg, resolve=True), "model": record.model}  # the model that ran
     record.wandb = log_to_wandb(
         run_dir, resolved, record, retrievals, per_query, cfg.logger, group=wandb_group or cfg.table,
         tags=[cfg.table, cfg.method.name, cfg.eval.corpus], name=run_dir.name,

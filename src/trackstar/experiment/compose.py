@@ -2,7 +2,8 @@
 
 :func:`register` puts the typed schema in Hydra's ConfigStore and the
 resolvers the config files use (``ts_run_id``: a run's id; ``ts_table``: the
-table's directory name, refused unless plain; ``ts_rows``: a
+table's directory name, refused unless plain; ``ts_results``: results_dir, checked
+writable; ``ts_rows``: a
 shared list of method rows for a sweep's ``method`` axis). ``trackstar-run``
 calls it before Hydra starts; :func:`compose_config` before composing.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from ..io import ArtifactError, ensure_writable_dir
 from ..sweeps import method_rows
 from .ids import run_id, table_name
 from .schema import register as register_schema
@@ -27,7 +29,19 @@ def register() -> None:
     register_schema()
     OmegaConf.register_new_resolver("ts_run_id", run_id, replace=True)
     OmegaConf.register_new_resolver("ts_table", table_name, replace=True)
+    OmegaConf.register_new_resolver("ts_results", writable_results, replace=True)
     OmegaConf.register_new_resolver("ts_rows", lambda name: ",".join(method_rows(name)), replace=True)
+
+
+def writable_results(path: str) -> str:
+    """``path`` once it is a directory this process can write to (the ``ts_results``
+    resolver of the run directories in config.yaml: checked before Hydra makes them,
+    so a read-only or misplaced results_dir is one clear message, not a traceback)."""
+    try:
+        ensure_writable_dir(path, "results_dir")
+    except ArtifactError as exc:
+        raise ValueError(str(exc)) from None
+    return path
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: str | Path | None = None) -> DictConfig:

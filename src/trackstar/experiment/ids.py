@@ -26,6 +26,9 @@ from ..world.store import world_identity
 #: Keys that do not change a run's results (left out of its identity).
 RUNTIME_KEYS = ("logger", "force", "progress", "results_dir", "table", "stage_threads", "device", "shard", "diagnostics")
 
+#: The ``artifacts_dir`` every config id is computed with (the default's value).
+ARTIFACTS_IN_ID = "artifacts"
+
 #: The groups whose ``seed`` is a seed of the run (world, model init and data order, projection).
 SEED_GROUPS = ("world", "model", "method")
 
@@ -54,6 +57,10 @@ def config_id(cfg: DictConfig, seeds: bool = True) -> str:
     """The hash of everything that determines a run's results; ``seeds=False``: but its
     world, model and projection seeds (runs equal in it are seeds of one table row)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    # Where artifacts live is not what a run is: every id carries the default's value (the
+    # one runs made before this rule carried), so a copied, moved or remounted artifacts
+    # dir keeps its finished runs.
+    resolved["artifacts_dir"] = ARTIFACTS_IN_ID
     if not seeds:
         for group in SEED_GROUPS:
             resolved[group]["seed"] = None

@@ -13,6 +13,11 @@ multirun (sequentially, or in parallel with ``hydra/launcher=parallel``).
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 import hydra
@@ -23,7 +28,8 @@ from omegaconf import DictConfig
 
 from ..errors import debug_requested, describe_error
 from .cell import run_cell
-from .compose import register
+from .compose import register, writable_results
+from .ids import table_name
 from .record import ATTEMPTS_DIR
 from .shard import shard_job
 from .validation import ConfigError
@@ -35,11 +41,38 @@ from .validation import ConfigError
 register()
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``trackstar-run``: the values that name the run directories are checked first
+    (Hydra makes those before any job starts, and reports a failure there as a
+    traceback), then Hydra runs the jobs."""
+    for problem in _directory_problems(sys.argv[1:] if argv is None else argv):
+        raise SystemExit(f"trackstar-run: invalid config: {problem}")
+    hydra_main()
+
+
+def _directory_problems(argv: list[str]) -> list[str]:
+    """What is wrong with the ``table=`` and ``results_dir=`` values on the command line
+    (each value of a sweep's comma list)."""
+    problems = []
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in ("table", "results_dir") or value.startswith(("${", "choice(", "range(", "glob(")):
+            continue
+        for item in value.split(","):
+            try:
+                table_name(item) if key == "table" else writable_results(item)
+            except ValueError as exc:
+                problems.append(str(exc))
+    return problems
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and multiprocessing.current_process().name != "MainProcess":
+        die_with_parent()  # a parallel launcher's worker: never outlive the sweep
     group = f"{cfg.table}:{Path(hc.sweep.dir).name}" if multirun else cfg.table
     if multirun and cfg.device == "auto":
         cfg.device = job_device(hc.job.num)
@@ -58,6 +91,31 @@ def main(cfg: DictConfig) -> None:
         where = (f"\n  this attempt's record, with the traceback, is in {attempts}/ (HYDRA_FULL_ERROR=1 shows it here)"
                  if attempts.is_dir() else "")
         raise SystemExit(f"trackstar-run: error: {describe_error(exc)}{where}") from None
+
+
+_WATCHED: set[int] = set()
+
+
+def die_with_parent(poll_s: float = 1.0) -> None:
+    """Exit this worker process when its parent (the sweep's main process) is gone.
+
+    A worker of ``hydra/launcher=parallel`` whose main process was killed (kill -9, a
+    lost session) would otherwise finish its job, and take the next, for minutes,
+    holding the compute slot a re-run waits for. Its stages are atomic and resumable,
+    so exiting at once loses nothing finished. Once per process (workers are reused).
+    """
+    parent = os.getppid()
+    if parent in _WATCHED or parent <= 1:
+        return
+    _WATCHED.add(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logging.getLogger("trackstar").error("the sweep's main process %d is gone: this worker exits", parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="trackstar-die-with-parent", daemon=True).start()
 
 
 def job_device(job_num: int) -> str:

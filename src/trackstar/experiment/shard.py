@@ -53,6 +53,10 @@ def shard_job(cfg: DictConfig) -> Path:
         return path
     with compute_stage(artifacts, cfg.stage_threads):
         shard = retriever.extract_shard(task, cfg.shard.index)
+    if "shard" not in shard.meta:
+        print(f"[shard {cfg.shard.index}/{cfg.shard.count}] nothing to do: an unsharded run already extracted the "
+              f"training features whole, in {shard.path}")
+        return shard.path
     start, stop = shard.meta["shard"]["start"], shard.meta["shard"]["stop"]
     print(f"[shard {cfg.shard.index}/{cfg.shard.count}] rows {start}-{stop} in {shard.path} "
           f"({time.perf_counter() - t:.1f}s)")

@@ -38,8 +38,9 @@ RNG_STATE_FILE = "rng_state.pt"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", OPTIMIZER_FILE, TRAINER_STATE_FILE)
 
 REBUILD_HINT = (
-    "Delete this checkpoint directory and re-run pretraining (pretrain_model with the "
-    "same settings); it resumes from the last complete checkpoint."
+    "Delete this checkpoint directory and re-run pretraining with the same settings (the "
+    "run's own command, or pretrain_model): it resumes from the last complete checkpoint "
+    "before it and writes it again."
 )
 
 

@@ -24,6 +24,7 @@ scaling).
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -104,8 +105,14 @@ def attach_optimizer_state(checkpoint, path: str | os.PathLike, learning_rate: f
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ArtifactError(f"model.optimizer_state={str(path)!r}: no such file.") from None
+    except pickle.UnpicklingError:
+        # torch's own text suggests weights_only=False, which would run code from the file: never.
+        raise ArtifactError(f"model.optimizer_state={str(path)!r} is not a file torch can load safely (weights "
+                            "only): give the optimizer's state_dict as saved by "
+                            "`torch.save(optimizer.state_dict(), PATH)`.") from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise ArtifactError(f"model.optimizer_state={str(path)!r} could not be read as a torch file ({exc}).") from None
+        raise ArtifactError(f"model.optimizer_state={str(path)!r} could not be read as a torch file ({str(exc).split('. ')[0]}); give the "
+                            "optimizer's state_dict as saved by `torch.save(optimizer.state_dict(), PATH)`.") from None
     if not (isinstance(saved, dict) and "state" in saved and "param_groups" in saved):
         raise OptimizerStateError(f"{str(path)!r} is not an optimizer state_dict (a dict with 'state' and "
                                   "'param_groups'); save optimizer.state_dict().")
@@ -151,5 +158,6 @@ def attach_optimizer_state(checkpoint, path: str | os.PathLike, learning_rate: f
         if kind == "hf_adafactor":  # step with exactly lr, not a relative or parameter-scaled rate
             group.update(relative_step=False, scale_parameter=False, warmup_init=False)
     checkpoint.optimizer, checkpoint.learning_rate = optimizer, lr
-    checkpoint.trainer_state = {**checkpoint.trainer_state, "optimizer_state": str(path), "learning_rate": lr}
+    checkpoint.trainer_state = {**checkpoint.trainer_state, "optimizer_state": str(path), "learning_rate": lr,
+                                "optimizer": kind}
     return checkpoint

@@ -86,8 +86,18 @@ def is_finished(out_dir: Path, key: str) -> bool:
             f"{str(out_dir)!r} holds a finished pretraining run with other settings or "
             "another world. Choose another output directory or delete this one."
         )
-    check_complete(out_dir / summary["final_checkpoint"], "final checkpoint",
-                   f"Delete {str(summary_path)!r} and re-run pretraining.")
+    names = [entry["name"] for entry in summary["checkpoints"]]
+    for i, name in enumerate(names):
+        try:
+            check_complete(out_dir / name, "checkpoint", "")
+        except ArtifactError as exc:
+            # Deterministic from its key: resume from the last good checkpoint before it, as
+            # the load error's hint (delete the damaged checkpoint and re-run) promises.
+            log.warning("%s; pretraining resumes from the last complete checkpoint before it", exc)
+            for later in names[i:]:
+                shutil.rmtree(out_dir / later, ignore_errors=True)
+            summary_path.unlink()
+            return False
     return True
 
 

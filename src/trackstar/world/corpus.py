@@ -5,8 +5,12 @@ A :class:`CorpusSpec` names a corpus (``source``: ``hf``, a hub dataset by
 ``jsonl`` or ``parquet``, files by ``path``, globs allowed), the field that
 holds the text, at most how many documents (``max_docs``) and whether to
 stream them. Documents are cut into passages of ``passage_words`` words
-(about the 128-token context of our models), or of ``passage_tokens`` tokens
-of a given tokenizer (a Hugging Face model's own context); each passage's id
+(about the 128-token context of our models; a run of more than
+:data:`MAX_WORD_CHARS` characters without whitespace counts as one word per
+that many characters, so no passage exceeds ``passage_words`` × 65
+characters: a 2 MB line without spaces is many passages, not one that
+stalls tokenizer training), or of ``passage_tokens`` tokens of a given
+tokenizer (a Hugging Face model's own context); each passage's id
 is ``<document row>-<passage index>``, stable across runs and machines.
 
 :func:`corpus_world` writes a world whose open set is that corpus: the base
@@ -141,8 +145,38 @@ def _dataset(spec: CorpusSpec):
                                  streaming=spec.streaming)
 
 
+def _check_jsonl(files: list[Path]) -> None:
+    """A :class:`CorpusError` naming the file and line of the first line of ``files`` that
+    is not UTF-8 JSON (one pass, one line in memory at a time): run once `datasets` has
+    failed on them, whose own error names neither."""
+    for path in files:
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                    if line.strip():
+                        json.loads(line)
+                except UnicodeDecodeError as exc:
+                    raise CorpusError(f"{path} line {line_no}: byte {raw[exc.start]:#04x} is not UTF-8; a jsonl corpus "
+                                      "is UTF-8 JSON, one document per line. Re-encode the file.") from None
+                except json.JSONDecodeError as exc:
+                    raise CorpusError(f"{path} line {line_no}: not valid JSON ({exc.msg} at column {exc.colno}); a "
+                                      "jsonl corpus has one JSON document per line. Fix or drop that line.") from None
+
+
 def iter_documents(spec: CorpusSpec) -> Iterator[tuple[int, str]]:
     """(row, text) of each document, at most ``max_docs``, in the dataset's order."""
+    try:
+        yield from _documents(spec)
+    except CorpusError:
+        raise
+    except Exception:
+        if spec.source == "jsonl":
+            _check_jsonl(_files(spec.path))
+        raise
+
+
+def _documents(spec: CorpusSpec) -> Iterator[tuple[int, str]]:
     data = _dataset(spec)
     columns = getattr(data, "column_names", None)
     if columns is not None and spec.text_field not in columns:
@@ -159,6 +193,10 @@ def iter_documents(spec: CorpusSpec) -> Iterator[tuple[int, str]]:
             yield row, text
 
 
+#: The longest run of non-whitespace characters that counts as one word of a passage.
+MAX_WORD_CHARS = 64
+
+
 def passages(spec: CorpusSpec, tokenizer=None, passage_tokens: int | None = None) -> Iterator[dict]:
     """``{"doc_id", "text"}`` per passage: ``passage_words`` words, or ``passage_tokens``
     tokens of ``tokenizer`` when both are given."""
@@ -167,7 +205,7 @@ def passages(spec: CorpusSpec, tokenizer=None, passage_tokens: int | None = None
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             pieces = [tokenizer.decode(ids[i:i + passage_tokens]) for i in range(0, len(ids), passage_tokens)]
         else:
-            words = text.split()
+            words = [w[i:i + MAX_WORD_CHARS] for w in text.split() for i in range(0, len(w), MAX_WORD_CHARS)]
             pieces = [" ".join(words[i:i + spec.passage_words]) for i in range(0, len(words), spec.passage_words)]
         for k, piece in enumerate(p for p in pieces if p.strip()):
             yield {"doc_id": f"{row}-{k}", "text": piece}
