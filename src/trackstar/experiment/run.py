@@ -89,7 +89,7 @@ def hydra_main(cfg: DictConfig) -> None:
             raise
         attempts = run_dir / ATTEMPTS_DIR
         where = (f"\n  this attempt's record, with the traceback, is in {attempts}/ (HYDRA_FULL_ERROR=1 shows it here)"
-                 if attempts.is_dir() else "")
+                 if attempts.is_dir() and any(attempts.iterdir()) else "")
         raise SystemExit(f"trackstar-run: error: {describe_error(exc)}{where}") from None
 
 
