@@ -71,3 +71,20 @@ def _check_engine_diagnostic(tmp_path):
     grad_dot = METHODS["grad_dot"].replace(projection="identity", k=3)
     assert TrackStar(model, tokenizer, grad_dot, work_dir=tmp_path).attribute(
         TRAIN, QUERIES, diagnose=True).curvature_diagnostic is None
+
+
+def test_the_waits_after_extraction_show_progress(tmp_path, capsys):
+    """After the feature bars reached 100%, R_train, R_eval, R^-1/2 and scoring printed nothing for
+    minutes; each now has a bar, and a cached R^-1/2 none."""
+    tokenizer = make_tokenizer()
+    model = make_gpt2(width=8, layers=1)
+    opt = train_adafactor(model, tokenizer, lr=0.01)
+    settings = METHODS["trackstar"].replace(projection="identity", k=3, lam=0.9)
+    TrackStar(model, tokenizer, settings, optimizer=opt, work_dir=tmp_path).attribute(TRAIN, QUERIES, diagnose=True)
+    err = capsys.readouterr().err
+    lines = err.replace("\r", "\n").splitlines()
+    for bar in ("R_train", "R_eval", "R^-1/2 (1 × eigh", "scoring", "R diagnostic"):
+        assert any(line.startswith(bar) and "100%" in line for line in lines), bar  # shown, and finished
+    TrackStar(model, tokenizer, settings, optimizer=opt, work_dir=tmp_path).attribute(TRAIN, QUERIES)
+    err = capsys.readouterr().err
+    assert "scoring" in err and "R^-1/2" not in err and "R_train" not in err  # all cached

@@ -349,10 +349,17 @@ def test_tables_are_published_to_one_offline_wandb_run(results, tmp_path, monkey
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: auto means offline
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "tables"
-    assert main(["--results", str(results), "--out", str(out), "--wandb", "--group", "table1"]) == 0
+    for name in ("table1", "table2", "table_a5"):  # the cells' W&B groups, as their records name them
+        for path in (results / name).glob("*/metrics.json"):
+            record = json.loads(path.read_text())
+            path.write_text(json.dumps({**record, "wandb": {"mode": "offline", "group": f"{name}:{name}"}}))
+    assert main(["--results", str(results), "--out", str(out), "--wandb"]) == 0
     wandb.teardown()  # the service writes the run log on its own schedule
-    assert not (out / "wandb").exists()  # the offline copy goes to the results root, not the tables
-    (run,) = (results / "wandb").glob("offline-run-*")
+    assert not (out / "wandb").exists()  # the offline copy goes beside the cells', not into the tables
+    # The documented sync command finds it with the cells' runs.
+    (run,) = results.glob("*/*/wandb/offline-run-*")
+    assert run.parent.parent == results / "paper-tables" / "tables"
+    assert b"table1:table1" in next(run.glob("*.wandb")).read_bytes()  # it joined the biggest group
     raw = next(run.glob("*.wandb")).read_bytes()
     for expected in (b"paper-tables", b"table1", b"table_a5", b"figure2"):
         assert expected in raw, expected

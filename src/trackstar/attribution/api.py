@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..device import check_model_dtype, model_device, resolve_device
 from ..identity import stable
@@ -288,6 +289,7 @@ class TrackStar:
 
     def score(self, train: FeatureStore, query: FeatureStore) -> tuple[TopK, Whitening | None]:
         q, chunks, transform, whitening = self._scoring_inputs(train, query)
+        chunks = _counted(chunks, train.n_rows, "scoring")
         scorer = faiss_top_k if self.settings.scorer == "faiss" else top_k
         return scorer(q, chunks, self.settings.k, transform, normalize_train=self.settings.unit_norm), whitening
 
@@ -427,8 +429,19 @@ class TrackStar:
         n = min(train.n_rows, TRAIN_SAMPLE)
         rows = torch.randperm(train.n_rows, generator=torch.Generator().manual_seed(0))[:n].sort().values
         sample = torch.cat([train.rows(int(i), int(i) + 1) for i in rows]) if n < train.n_rows else train.rows()
-        return curvature_diagnostic(query.rows(), sample, r_train()[0],
-                                    whitening.apply if whitening is not None else None)
+        with tqdm(total=1, desc="R diagnostic (top eigenvectors of R_train, R_eval)", unit="step") as bar:
+            out = curvature_diagnostic(query.rows(), sample, r_train()[0],
+                                       whitening.apply if whitening is not None else None)
+            bar.update()
+        return out
+
+
+def _counted(chunks, total: int, desc: str):
+    """``chunks`` ((start, rows) pairs) with a progress bar over their ``total`` rows."""
+    with tqdm(total=total, desc=desc, unit="row") as bar:
+        for start, rows in chunks:
+            yield start, rows
+            bar.update(rows.shape[0])
 
 
 def attribute(model, tokenizer, train_texts: Sequence[str], queries: Sequence,

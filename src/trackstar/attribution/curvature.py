@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..device import float64_device
 from ..io import ArtifactError, atomic_write_checked, config_hash, read_checked
@@ -33,31 +34,34 @@ class CurvatureError(ValueError):
 
 def outer_product_sums(
     chunks: Iterable[torch.Tensor], d: int, blocks: list[slice] | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, total: int | None = None, desc: str | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """(Σ g gᵀ per block, number of rows), float64: R's sufficient statistics, which
     add up across shards. Accumulated on ``device`` (the CPU when None, or for
-    MPS, which has no float64); the sums are returned on the CPU."""
+    MPS, which has no float64); the sums are returned on the CPU. ``desc`` shows a
+    progress bar over the ``total`` rows."""
     blocks = blocks or [slice(0, d)]
     device = float64_device(torch.device(device or "cpu"))
     sums = [torch.zeros((s.stop - s.start,) * 2, dtype=torch.float64, device=device) for s in blocks]
     count = 0
-    for chunk in chunks:
-        x = chunk.to(device).double()
-        for acc, s in zip(sums, blocks):
-            xs = x[:, s]
-            acc.addmm_(xs.T, xs)
-        count += x.shape[0]
+    with tqdm(total=total, desc=desc, unit="row", disable=desc is None) as bar:
+        for chunk in chunks:
+            x = chunk.to(device).double()
+            for acc, s in zip(sums, blocks):
+                xs = x[:, s]
+                acc.addmm_(xs.T, xs)
+            count += x.shape[0]
+            bar.update(x.shape[0])
     return [acc.cpu() for acc in sums], count
 
 
 def curvature_matrix(
     chunks: Iterable[torch.Tensor], d: int, blocks: list[slice] | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, total: int | None = None, desc: str | None = None,
 ) -> list[torch.Tensor]:
     """R_train or R_eval: the mean outer product (1/N) Σ g gᵀ of the scored
     features, full (one block) or per block, float64, on the CPU."""
-    sums, count = outer_product_sums(chunks, d, blocks, device)
+    sums, count = outer_product_sums(chunks, d, blocks, device, total, desc)
     if count == 0:
         raise CurvatureError("Cannot estimate R from zero feature rows.")
     return [acc / count for acc in sums]
@@ -157,7 +161,14 @@ class Whitening:
         damping: float,
         lam: float | None = None,
     ) -> "Whitening":
-        return cls(blocks, [inverse_sqrt(m, damping).float() for m in r_blocks], lam)
+        # One eigendecomposition per block: minutes for one 4096 × 4096 block on a CPU.
+        size = max((m.shape[0] for m in r_blocks), default=0)
+        bar = tqdm(r_blocks, desc=f"R^-1/2 ({len(r_blocks)} × eigh ≤{size}²)", unit="block")
+        return cls(blocks, [inverse_sqrt(m, damping).float() for m in bar], lam)
+
+
+#: A feature store's kind -> the R its rows make.
+_R_NAMES = {"train": "R_train", "query": "R_eval"}
 
 
 class CurvatureCache:
@@ -215,7 +226,8 @@ class CurvatureCache:
                     raise CurvatureError("Cannot estimate R from zero feature rows.")
                 value = [sum(p[0][i] for p in parts) / count for i in range(len(blocks))]
             else:
-                value = curvature_matrix((x for _, x in store.chunks(chunk_rows)), store.d, blocks, device)
+                value = curvature_matrix((x for _, x in store.chunks(chunk_rows)), store.d, blocks, device,
+                                         total=store.n_rows, desc=_R_NAMES.get(store.meta.get("kind"), "R"))
             self._save(path, value)
             return value
 
@@ -228,7 +240,8 @@ class CurvatureCache:
         cached = self._load(path)
         if cached is not None:
             return cached["sums"], cached["count"]
-        sums, count = outer_product_sums((x for _, x in shard.chunks(chunk_rows)), shard.d, blocks, device)
+        sums, count = outer_product_sums((x for _, x in shard.chunks(chunk_rows)), shard.d, blocks, device,
+                                         total=shard.n_rows, desc=f"{_R_NAMES.get(shard.meta.get('kind'), 'R')} (shard)")
         self._save(path, {"sums": sums, "count": count})
         return sums, count
 

@@ -177,6 +177,7 @@ class RunRecord:
             "lam_default": self.info.get("lambda_default"),
             "confidence": self.eval.get("confidence"),
             "bootstrap_resamples": self.eval.get("bootstrap_resamples"),
+            "wandb_group": (self.wandb or {}).get("group"),
             # What the tables check before putting runs side by side (see tables.aggregate).
             "world_hash": (self.artifacts.get("world") or {}).get("content_hash"),
             "checkpoint_hash": (self.artifacts.get("checkpoint") or {}).get("hash"),

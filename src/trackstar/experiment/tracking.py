@@ -6,7 +6,8 @@ lost result. Mode ``auto`` logs online when credentials exist and offline
 otherwise; ``WANDB_MODE=offline`` or ``disabled`` overrides any mode. An online
 run that cannot reach the server within ``logger.init_timeout`` seconds is
 logged offline instead. Offline runs sync later with
-``wandb sync results/<table>/*/wandb/offline-run-*``.
+``wandb sync results/*/*/wandb/offline-run-*`` (which also finds the tables run of
+``trackstar-tables --wandb``, kept under ``results/paper-tables/tables/``).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def log_to_wandb(
                     columns, rows = per_query_rows(retrievals, per_query)
                     limit = logger_cfg.max_table_rows
                     run.log({"per_query": wandb.Table(columns=columns, data=rows[:limit] if limit else rows)})
-                return {"mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent), "project": logger_cfg.project}
+                return {"mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent), "project": logger_cfg.project,
+                        "group": group}
 
         try:
             return log_run(mode)

@@ -17,6 +17,7 @@ import argparse
 import shlex
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from ..errors import debug_requested, describe_error
@@ -138,12 +139,35 @@ def generate(args: argparse.Namespace, command: str) -> int:
         print(text)
     write_index(out, made, skipped, runs, command, generated)
     if args.wandb:
+        group = args.group or sweep_group(made, runs.frame)
+        if args.source == "local":
+            (Path(args.results) / TABLES_RUN_DIR).mkdir(parents=True, exist_ok=True)
         info = publish(made, out, runs.source, runs.commits, command, args.project or "trackstar-repro",
-                       args.entity, args.group, args.wandb_mode,
-                       wandb_dir=Path(args.results) if args.source == "local" else None)
+                       args.entity, group, args.wandb_mode,
+                       wandb_dir=Path(args.results) / TABLES_RUN_DIR if args.source == "local" else None)
         print(f"W&B: {info}", file=sys.stderr)
     print(f"wrote {len(made)} table(s)/figure(s) to {out}", file=sys.stderr)
     return 0
+
+
+#: Where under the results root the tables run keeps its W&B files: two levels down, like a
+#: cell's (results/<table>/<run>/wandb), so one `wandb sync results/*/*/wandb/offline-run-*` finds all.
+TABLES_RUN_DIR = Path("paper-tables") / "tables"
+
+
+def sweep_group(made: list, frame) -> str | None:
+    """The W&B group the tables run joins when --group is not given: the group of the runs
+    behind the tables made (the most common one when they span several sweeps), said on stderr."""
+    runs = {r for _, table in made for r in table.runs}
+    groups = Counter(g for r, g in zip(frame["run"], frame.get("wandb_group", [None] * len(frame)))
+                     if r in runs and isinstance(g, str))
+    if not groups:
+        return None
+    group, n = groups.most_common(1)[0]
+    others = f"; its runs also span {', '.join(sorted(set(groups) - {group}))}" if len(groups) > 1 else ""
+    print(f"W&B: the tables run joins group {group!r} ({n} of its runs){others}; --group G chooses another",
+          file=sys.stderr)
+    return group
 
 
 def paired_of(frame, names: list[str], strict: bool) -> dict:

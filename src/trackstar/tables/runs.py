@@ -137,7 +137,7 @@ def load_wandb_runs(entity: str, project: str, api=None, strict: bool = False) -
         except RecordSchemaError as exc:
             stale.append(f"{run_id}: {exc}")
             continue
-        rows.append(record.table_row(run_id))
+        rows.append({**record.table_row(run_id), "wandb_group": getattr(run, "group", None)})
     return _runset(rows, failed, stale, strict, f"W&B project {entity}/{project}", f"in W&B project {entity}/{project}")
 
 
