@@ -69,7 +69,6 @@ def _directory_problems(argv: list[str]) -> list[str]:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
-    logging.getLogger("bm25s").setLevel(logging.WARNING)
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun and multiprocessing.current_process().name != "MainProcess":
         die_with_parent()  # a parallel launcher's worker: never outlive the sweep

@@ -7,6 +7,7 @@ paper: BM25 matches the passage that spells the fact out.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ def _index(corpus_texts: Sequence[str], query_texts: Sequence[str], k1: float, b
     """(the BM25 index of the corpus, each query's words that occur in it)."""
     import bm25s  # only to index: the registry imports this module just to list the methods
 
+    # bm25s sets its own logger to DEBUG when imported, which prints a line per index on stdout.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     retriever = bm25s.BM25(k1=k1, b=b)
     retriever.index(bm25s.tokenize(list(corpus_texts), stopwords="en", show_progress=False), show_progress=False)
     vocab = retriever.vocab_dict
