@@ -385,7 +385,7 @@ def test_runs_differing_only_in_seeds_are_one_row_over_seeds(tmp_path):
     old["seedless_id"] = "ts-setting"
     write(root, old)
     same = record("table1", "trackstar", 0.9, finished="2024-06-01T00:00:00+00:00")  # seed 1, same settings
-    same["config_id"] += "-elsewhere"  # another config id (say another artifacts_dir), nothing result-bearing
+    same["config_id"] += "-elsewhere"  # another config id (another ablation name), nothing result-bearing
     same["model"]["seed"], same["seedless_id"] = 1, "elsewhere-setting"
     write(root, same)
     with pytest.warns(UserWarning, match="share a row with a later run"):

@@ -154,6 +154,7 @@ class RunRecord:
 
     def table_row(self, run_id: str) -> dict:
         """One row of the tables' DataFrame: identity, settings, flat metrics."""
+        setting = self.setting()
         row = {
             "run": run_id,
             "table": self.table,
@@ -181,9 +182,9 @@ class RunRecord:
             # What the tables check before putting runs side by side (see tables.aggregate).
             "world_hash": (self.artifacts.get("world") or {}).get("content_hash"),
             "checkpoint_hash": (self.artifacts.get("checkpoint") or {}).get("hash"),
-            "world_setting": canonical(_without(self.world, "seed", "path")),
+            "world_setting": canonical(setting["world"]),
             "model_config": canonical(self.model),
-            "setting": canonical(self.setting()),
+            "setting": canonical(setting),
         }
         row.update({k: v for k, v in self.method.settings.items() if k not in row})
         row.update({f"{DIAGNOSTIC_PREFIX}{k}": v for k, v in (self.info.get("curvature_diagnostic") or {}).items()})

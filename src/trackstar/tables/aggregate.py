@@ -6,8 +6,8 @@ its metric columns. The runs of a table must be of one world and their rows of
 one setting each (:mod:`.consistency` refuses anything else, naming the runs and
 the settings). Two runs of one row whose settings agree (a config id can differ
 without a result-bearing setting) keep the most recently finished one; the
-superseded run is named in a warning and in the table's provenance. Runs of one row key with different seeds are one row over seeds
-(:func:`over_seeds`).
+superseded run is named in a warning and in the table's provenance. Runs of
+one row key with different seeds are one row over seeds (:func:`over_seeds`).
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def build_table(
             row = " / ".join(str(make(per_setting.iloc[-1])) for make in labels.values())
             check_one_setting_per_row(name, row, dict(zip(per_setting["run"], per_setting["setting"])))
     # Settings that agree on everything (a config id can differ without a result-bearing
-    # setting: another artifacts_dir): the one whose run finished last; the others are superseded.
+    # setting: Table A.5's lam_auto and v_on_r_mix ablations resolve alike): the one whose run
+    # finished last; the others are superseded.
     chosen = latest.groupby("_key", sort=False).tail(1)[["_key", "_setting"]]
     latest = latest.merge(chosen, on=["_key", "_setting"])
     superseded = sorted(set(runs["run"]) - set(latest["run"]))
