@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from trackstar.evaluation.batched_step import BatchedTailPatch
 from trackstar.evaluation.tail_patch import restored, tail_patch, tail_patch_at_k
 from trackstar.io import ArtifactError
 from trackstar.lm import load_checkpoint
@@ -117,5 +118,6 @@ def test_cache_serves_a_second_method_without_new_steps(micro_world, checkpoint,
     first = tail_patch(checkpoint, queries, rand, progress=False, cache_dir=tmp_path)
     steps = []
     monkeypatch.setattr(checkpoint.optimizer, "step", lambda *a, **k: steps.append(1))
+    monkeypatch.setattr(BatchedTailPatch, "stepped", lambda *a, **k: steps.append(1))
     again = tail_patch(checkpoint, queries, rand, progress=False, cache_dir=tmp_path)
     assert steps == [] and again.equals(first)

@@ -32,9 +32,10 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from ..io import ArtifactError, atomic_write_json_checked, read_json_checked
-from ..lm.data import context_length, pad_token_id, passage_ids
+from ..lm.data import context_length, pad_token_id, passage_ids, query_ids
 from ..lm.evaluate import score_targets
 from ..lm.pretrain import train_step
+from .batched_step import DEFAULT_MEMORY_BYTES, BatchedTailPatch, Unsupported, passage_width, query_width
 
 TAIL_PATCH_KS = (1, 3, 5, 10)
 log = logging.getLogger("trackstar")
@@ -90,6 +91,69 @@ def restored(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         snap.restore()
 
 
+def _measure_one_by_one(model, tok, by_id: Mapping[str, dict], qids: Sequence[str]) -> list[float]:
+    # One query per forward pass: a value must not depend on which other
+    # queries share its batch (their padding changes the kernels' shapes and
+    # the last bits), or the cache would make it depend on the order runs came in.
+    return [lp for lp, _ in score_targets(model, tok, [by_id[q]["prompt"] for q in qids],
+                                          [by_id[q]["target"] for q in qids], batch_size=1)]
+
+
+def _measure_batched(engine: BatchedTailPatch, params, index: Sequence[int],
+                     queries: Sequence[tuple[list[int], int]]) -> list[float]:
+    """Log-probabilities of ``queries[j]`` under ``params[index[j]]``, in order (grouped by padded width)."""
+    out: list[float] = [0.0] * len(queries)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for j, (ids, _) in enumerate(queries):
+        groups[query_width(len(ids), engine.max_width)].append(j)
+    for members in groups.values():
+        for start in range(0, len(members), engine.chunk):
+            part = members[start:start + engine.chunk]
+            for j, lp in zip(part, engine.log_probs(params, [index[j] for j in part], [queries[j] for j in part]),
+                             strict=True):
+                out[j] = lp
+    return out
+
+
+def _chunks_by_length(todo: Mapping[str, Sequence[str]], passages: Mapping[str, list[int]], size: int,
+                      max_width: int | None, first_key):
+    """Proponents grouped by padded token length, in chunks of at most ``size``.
+
+    Within a length, ordered by ``first_key`` of their first query, then by id: the
+    first queries of a chunk then fall in runs of one padded width, whose stepped
+    parameters are read in place rather than copied.
+    """
+    by_length: dict[int, list[str]] = defaultdict(list)
+    for pid in sorted(todo, key=lambda p: (first_key(todo[p][0]), p)):
+        by_length[passage_width(len(passages[pid]), max_width)].append(pid)
+    for length in sorted(by_length):
+        group = by_length[length]
+        for start in range(0, len(group), size):
+            yield group[start:start + size]
+
+
+def _batched_engine(checkpoint, passages: Mapping[str, list[int]], batched: bool,
+                    memory_bytes: int) -> BatchedTailPatch | None:
+    """The batched path for this checkpoint, or None (said in the log) where it cannot be taken."""
+    if not batched or not passages:
+        return None
+    model, optimizer = checkpoint.model, checkpoint.optimizer
+    sample = next(iter(passages.values()))
+    was_training = model.training
+    model.eval()  # no dropout in the step or the measurement
+    try:
+        engine = BatchedTailPatch(model, optimizer, checkpoint.learning_rate, sample,
+                                  pad_token_id(checkpoint.tokenizer), memory_bytes)
+        if engine.chunk < 2:
+            raise Unsupported(f"a stacked parameter set does not fit {memory_bytes} bytes twice")
+        engine.probe(sample)  # the model's forward must vmap; find out before any value is kept
+    except (Unsupported, RuntimeError) as exc:
+        model.train(was_training)
+        log.info("tail-patch: one proponent at a time (%s)", exc)
+        return None
+    return engine
+
+
 def _require_optimizer(checkpoint) -> None:
     if checkpoint.optimizer is None or checkpoint.learning_rate is None:
         raise ArtifactError(
@@ -107,8 +171,9 @@ class _AfterCache:
     job of a sweep. Files are merged under a lock and replaced atomically.
     """
 
-    def __init__(self, directory: str | os.PathLike | None):
+    def __init__(self, directory: str | os.PathLike | None, flavour: str):
         self.dir = Path(directory) if directory is not None else None
+        self.flavour = flavour
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -117,7 +182,9 @@ class _AfterCache:
         return hashlib.sha256(f"{query['prompt']}\0{query['target']}".encode()).hexdigest()[:16]
 
     def _file(self, pid: str, text: str) -> Path:
-        digest = hashlib.sha256(f"{pid}\0{text}".encode()).hexdigest()[:24]
+        # The two paths agree within float tolerance, not to the bit: each keeps its own values.
+        tag = "" if self.flavour == "sequential" else f"\0{self.flavour}"
+        digest = hashlib.sha256(f"{pid}\0{text}{tag}".encode()).hexdigest()[:24]
         return self.dir / f"{digest}.json"
 
     def load(self, pid: str, text: str) -> dict[str, float]:
@@ -146,6 +213,8 @@ def tail_patch(
     proponents: Mapping[str, Sequence[tuple[str, str]]],
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    batched: bool = True,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> pd.DataFrame:
     """Probability change of each query's target after one step on each of its proponents.
 
@@ -155,22 +224,19 @@ def tail_patch(
     ``delta_pp`` (percentage points), ``relative`` (p_after / p_before - 1),
     ``delta_logprob``. ``cache_dir`` (one per checkpoint) keeps each
     proponent's results so that other methods and jobs skip its step.
+    ``batched`` steps many proponents at once (:mod:`.batched_step`) where
+    the optimizer and the model allow it, within ``memory_bytes`` of stacked
+    parameters; values equal the one-at-a-time step's within float tolerance.
     """
     _require_optimizer(checkpoint)
-    model, tok, optimizer = checkpoint.model, checkpoint.tokenizer, checkpoint.optimizer
+    model, tok = checkpoint.model, checkpoint.tokenizer
     by_id = {q["example_id"]: q for q in queries}
     unknown = [e for e in proponents if e not in by_id]
     if unknown:
         raise KeyError(f"tail_patch: proponents given for unknown query id(s) {unknown[:5]}")
 
-    def measure(qids: Sequence[str]) -> list[float]:
-        # One query per forward pass: a value must not depend on which other
-        # queries share its batch (their padding changes the kernels' shapes and
-        # the last bits), or the cache would make it depend on the order runs came in.
-        return [lp for lp, _ in score_targets(model, tok, [by_id[q]["prompt"] for q in qids],
-                                              [by_id[q]["target"] for q in qids], batch_size=1)]
-
-    before = dict(zip(by_id, measure(list(by_id)), strict=True))
+    ctx = context_length(model)
+    encoded = {q: query_ids(tok, by_id[q]["prompt"], by_id[q]["target"], ctx) for q in by_id}
 
     # Who needs which proponent: one optimizer step per distinct passage.
     needed: dict[str, list[str]] = defaultdict(list)
@@ -180,8 +246,45 @@ def tail_patch(
             texts[pid] = text
             if qid not in needed[pid]:
                 needed[pid].append(qid)
+    passages = {pid: passage_ids(tok, texts[pid], ctx) for pid in needed}
+    for pid, ids in passages.items():
+        if len(ids) < 2:
+            raise ValueError(f"tail_patch: proponent {pid!r} has fewer than 2 tokens; it has no LM loss to step on")
 
-    cache = _AfterCache(cache_dir)
+    was_training = model.training
+    try:
+        after, before = _after_and_before(checkpoint, by_id, encoded, needed, texts, passages, progress,
+                                          cache_dir, batched, memory_bytes)
+    finally:
+        model.train(was_training)
+
+    rows = []
+    for qid, ranked in proponents.items():
+        lp0 = before[qid]
+        for rank, (pid, _) in enumerate(ranked):
+            lp1 = after[(qid, pid)]
+            p0, p1 = math.exp(lp0), math.exp(lp1)
+            rows.append({
+                "example_id": qid, "rank": rank, "proponent_id": pid, "p_before": p0, "p_after": p1,
+                "delta_pp": 100.0 * (p1 - p0), "relative": math.expm1(lp1 - lp0),
+                "delta_logprob": lp1 - lp0,
+            })
+    return pd.DataFrame(rows)
+
+
+def _after_and_before(checkpoint, by_id, encoded, needed, texts, passages, progress, cache_dir, batched,
+                      memory_bytes) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """(log p after each needed step per (query, proponent), log p before per query)."""
+    model, tok, optimizer = checkpoint.model, checkpoint.tokenizer, checkpoint.optimizer
+    pad_id = pad_token_id(tok)
+    engine = _batched_engine(checkpoint, passages, batched, memory_bytes)
+    if engine is not None:
+        before = dict(zip(by_id, _measure_batched(engine, engine.base_params(), [0] * len(by_id),
+                                                  [encoded[q] for q in by_id]), strict=True))
+    else:
+        before = dict(zip(by_id, _measure_one_by_one(model, tok, by_id, list(by_id)), strict=True))
+
+    cache = _AfterCache(cache_dir, "batched" if engine is not None else "sequential")
     after: dict[tuple[str, str], float] = {}
     todo: dict[str, list[str]] = {}
     for pid, qids in needed.items():
@@ -196,34 +299,37 @@ def tail_patch(
         if missing:
             todo[pid] = missing
 
-    ctx = context_length(model)
-    with restored(model, optimizer) as snap:
-        for pid in tqdm(sorted(todo), desc="tail-patch", unit="proponent", disable=not progress):
-            model.eval()  # no dropout in the step or the measurement
-            ids = passage_ids(tok, texts[pid], ctx)
-            if len(ids) < 2:
-                raise ValueError(f"tail_patch: proponent {pid!r} has fewer than 2 tokens; it has no LM loss to step on")
-            # The pretraining step itself, at the final learning rate, on this
-            # passage alone (no gradient clipping).
-            train_step(model, optimizer, [ids], pad_token_id(tok), checkpoint.learning_rate, grad_clip=None)
-            qids = todo[pid]
-            for q, lp in zip(qids, measure(qids), strict=True):
-                after[(q, pid)] = lp
-            cache.add(pid, texts[pid], {cache.query_key(by_id[q]): after[(q, pid)] for q in qids})
-            snap.restore()
-
-    rows = []
-    for qid, ranked in proponents.items():
-        lp0 = before[qid]
-        for rank, (pid, _) in enumerate(ranked):
-            lp1 = after[(qid, pid)]
-            p0, p1 = math.exp(lp0), math.exp(lp1)
-            rows.append({
-                "example_id": qid, "rank": rank, "proponent_id": pid, "p_before": p0, "p_after": p1,
-                "delta_pp": 100.0 * (p1 - p0), "relative": math.expm1(lp1 - lp0),
-                "delta_logprob": lp1 - lp0,
-            })
-    return pd.DataFrame(rows)
+    bar = tqdm(total=len(todo), desc="tail-patch", unit="proponent", disable=not progress)
+    if engine is not None:
+        for chunk in _chunks_by_length(todo, passages, engine.chunk, engine.max_width,
+                                       lambda q: query_width(len(encoded[q][0]), engine.max_width)):
+            stepped = engine.stepped([passages[pid] for pid in chunk])
+            # Slot by slot: the first query of every proponent, then the second...: a
+            # slot that every proponent fills reads the stacked parameters as they are.
+            for slot in range(max(len(todo[pid]) for pid in chunk)):
+                members = [i for i, pid in enumerate(chunk) if slot < len(todo[pid])]
+                qids = [todo[chunk[i]][slot] for i in members]
+                for i, q, lp in zip(members, qids, _measure_batched(engine, stepped, members,
+                                                                    [encoded[q] for q in qids]), strict=True):
+                    after[(q, chunk[i])] = lp
+            for pid in chunk:
+                cache.add(pid, texts[pid], {cache.query_key(by_id[q]): after[(q, pid)] for q in todo[pid]})
+            bar.update(len(chunk))
+    else:
+        with restored(model, optimizer) as snap:
+            for pid in sorted(todo):
+                model.eval()  # no dropout in the step or the measurement
+                # The pretraining step itself, at the final learning rate, on this
+                # passage alone (no gradient clipping).
+                train_step(model, optimizer, [passages[pid]], pad_id, checkpoint.learning_rate, grad_clip=None)
+                qids = todo[pid]
+                for q, lp in zip(qids, _measure_one_by_one(model, tok, by_id, qids), strict=True):
+                    after[(q, pid)] = lp
+                cache.add(pid, texts[pid], {cache.query_key(by_id[q]): after[(q, pid)] for q in qids})
+                snap.restore()
+                bar.update(1)
+    bar.close()
+    return after, before
 
 
 def tail_patch_at_k(per_pair: pd.DataFrame, ks: Sequence[int] = TAIL_PATCH_KS) -> pd.DataFrame:

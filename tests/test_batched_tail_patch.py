@@ -1,0 +1,131 @@
+"""Batched tail-patch against the one-at-a-time optimizer step it replaces."""
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from trackstar.evaluation.batched_step import BatchedTailPatch, FunctionalStep, Unsupported
+from trackstar.evaluation.tail_patch import tail_patch
+from trackstar.lm.checkpoint import Checkpoint
+from trackstar.lm.data import lm_batch, lm_loss, passage_ids
+
+
+def _proponents(world, n_queries=8, per_query=5, offset=3):
+    sentences = world.sentences
+    queries = world.queries[:n_queries]
+    props = {q["example_id"]: [(s["sentence_id"], s["text"])
+                               for s in sentences[i * offset:i * offset + per_query]]
+             for i, q in enumerate(queries)}
+    return queries, props
+
+
+def _close(a, b, atol=1e-4):
+    assert list(a["proponent_id"]) == list(b["proponent_id"])
+    diff = (a["delta_logprob"] - b["delta_logprob"]).abs().max()
+    assert diff < atol, diff
+
+
+def test_batched_equals_one_at_a_time_with_adafactor(micro_world, checkpoint):
+    queries, props = _proponents(micro_world)
+    one = tail_patch(checkpoint, queries, props, progress=False, batched=False)
+    many = tail_patch(checkpoint, queries, props, progress=False)
+    _close(one, many)
+    # The comparison can fail: a different learning rate moves the values.
+    checkpoint.learning_rate *= 3
+    with pytest.raises(AssertionError):
+        _close(one, tail_patch(checkpoint, queries, props, progress=False))
+
+
+def test_values_do_not_depend_on_which_proponents_share_a_batch(micro_world, checkpoint):
+    queries, props = _proponents(micro_world)
+    whole = tail_patch(checkpoint, queries, props, progress=False).set_index(["example_id", "proponent_id"])
+    part = {k: v[1:3] for k, v in list(props.items())[2:5]}
+    few = tail_patch(checkpoint, queries, part, progress=False, memory_bytes=1 << 25)
+    few = few.set_index(["example_id", "proponent_id"])
+    # Bit for bit: the cache may serve a value computed beside any other proponents.
+    assert (whole.loc[few.index, "delta_logprob"] == few["delta_logprob"]).all()
+    assert (whole.loc[few.index, "p_before"] == few["p_before"]).all()
+
+
+def _tiny_adamw_checkpoint(micro_world, tokenizer_source, weight_decay):
+    torch.manual_seed(0)
+    tok = tokenizer_source.tokenizer
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=weight_decay)
+    for s in micro_world.sentences[:6]:
+        opt.zero_grad()
+        lm_loss(model, lm_batch([passage_ids(tok, s["text"], 64)], tok.pad_token_id)).backward()
+        opt.step()
+    return Checkpoint(model=model, tokenizer=tok, optimizer=opt, learning_rate=3e-3)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_batched_equals_one_at_a_time_with_adamw(micro_world, checkpoint, weight_decay):
+    ck = _tiny_adamw_checkpoint(micro_world, checkpoint, weight_decay)
+    queries, props = _proponents(micro_world, n_queries=4, per_query=4)
+    one = tail_patch(ck, queries, props, progress=False, batched=False)
+    many = tail_patch(ck, queries, props, progress=False)
+    _close(one, many)
+    assert one["delta_logprob"].abs().max() > 1e-3  # the steps move something
+
+
+@pytest.mark.parametrize("kind", ["adafactor", "adamw"])
+def test_functional_step_equals_the_optimizers_own_step(micro_world, checkpoint, kind):
+    ck = checkpoint if kind == "adafactor" else _tiny_adamw_checkpoint(micro_world, checkpoint, 0.1)
+    model, opt, tok = ck.model, ck.optimizer, ck.tokenizer
+    model.eval()
+    texts = [s["text"] for s in micro_world.sentences[10:13]]
+    ids = [passage_ids(tok, t, 64) for t in texts]
+    grads = []
+    for one in ids:
+        model.zero_grad()
+        lm_loss(model, lm_batch([one], tok.pad_token_id)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    step = FunctionalStep(model, opt, ck.learning_rate, frozen=set())
+    stacked = step.apply({n: torch.stack([g[n] for g in grads]) for n in grads[0]})
+    for i, g in enumerate(grads):
+        m2, o2 = copy.deepcopy((model, opt))
+        for group in o2.param_groups:
+            group["lr"] = ck.learning_rate
+        for n, p in m2.named_parameters():
+            p.grad = g[n]
+        o2.step()
+        for n, p in m2.named_parameters():
+            torch.testing.assert_close(stacked[n][i], p.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_unsupported_optimizer_takes_the_one_at_a_time_path(micro_world, checkpoint):
+    ck = _tiny_adamw_checkpoint(micro_world, checkpoint, 0.0)
+    sgd = torch.optim.SGD(ck.model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(Unsupported, match="SGD"):
+        FunctionalStep(ck.model, sgd, 0.1, frozen=set())
+    ck.optimizer = sgd
+    queries, props = _proponents(micro_world, n_queries=2, per_query=3)
+    a = tail_patch(ck, queries, props, progress=False)
+    b = tail_patch(ck, queries, props, progress=False, batched=False)
+    assert a.equals(b)  # the same path, so the same bits
+
+
+def test_frozen_parameters_stay_fixed(micro_world, checkpoint):
+    checkpoint.model.transformer.wpe.weight.requires_grad_(False)
+    queries, props = _proponents(micro_world, n_queries=3, per_query=3)
+    _close(tail_patch(checkpoint, queries, props, progress=False, batched=False),
+           tail_patch(checkpoint, queries, props, progress=False))
+    engine = BatchedTailPatch(checkpoint.model, checkpoint.optimizer, checkpoint.learning_rate,
+                              passage_ids(checkpoint.tokenizer, micro_world.sentences[0]["text"], 64),
+                              checkpoint.tokenizer.pad_token_id)
+    assert "transformer.wpe.weight" not in engine.step.names
+
+
+def test_probability_before_does_not_depend_on_the_other_queries(micro_world, checkpoint):
+    queries, props = _proponents(micro_world)
+    whole = tail_patch(checkpoint, queries, props, progress=False).set_index(["example_id", "proponent_id"])
+    some = queries[3:5]
+    few = tail_patch(checkpoint, some, {q["example_id"]: props[q["example_id"]] for q in some}, progress=False)
+    few = few.set_index(["example_id", "proponent_id"])
+    assert (whole.loc[few.index, "p_before"] == few["p_before"]).all()
+    assert (whole.loc[few.index, "delta_logprob"] == few["delta_logprob"]).all()
