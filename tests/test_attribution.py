@@ -24,7 +24,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from trackstar.attribution import METHODS, AttributionSettings, TrackStar
-from trackstar.attribution.curvature import auto_lambda, inverse_sqrt
+from trackstar.attribution.curvature import CurvatureError, Whitening, auto_lambda, inverse_factor, inverse_sqrt
 from trackstar.attribution.features import FeatureExtractor
 from trackstar.attribution.gradients import (
     NonFiniteGradientError,
@@ -34,7 +34,7 @@ from trackstar.attribution.gradients import (
 )
 from trackstar.attribution.output import collate, query_example, training_example
 from trackstar.attribution.projection import ProjectionError, Projector
-from trackstar.attribution.scoring import top_k
+from trackstar.attribution.scoring import top_k, unit_normalize
 from trackstar.attribution.second_moment import (
     SecondMomentError,
     second_moment_from_optimizer,
@@ -620,6 +620,32 @@ def test_inverse_sqrt_is_the_matrix_inverse_square_root():
     torch.testing.assert_close(w @ damped @ w, torch.eye(12, dtype=torch.float64))
     torch.testing.assert_close(w, w.T)
     assert not torch.allclose(w, 1 / damped.sqrt())  # not the element-wise pitfall
+
+
+def test_inverse_factor_inverts_the_damped_r_and_scores_as_r_inverse_sqrt_does():
+    torch.manual_seed(0)
+    x = torch.randn(50, 12, dtype=torch.float64) * torch.linspace(3, 0.1, 12, dtype=torch.float64)
+    r = x.T @ x / 50
+    damping = 0.05
+    w = inverse_factor(r, damping)
+    damped = r + damping * torch.linalg.eigvalsh(r).mean() * torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(w @ w.T, torch.linalg.inv(damped))
+    assert not torch.allclose(w, w.T)  # a different W from R^{-1/2}: the dot products agree, not W
+    # Unit-normalized scores are the same for both factors.
+    q, t = torch.randn(4, 12), torch.randn(30, 12)
+    scores = {}
+    for factor in ("cholesky", "symmetric"):
+        wh = Whitening.build([r], [slice(0, 12)], damping, factor=factor)
+        scores[factor] = unit_normalize(wh.apply(q)) @ unit_normalize(wh.apply(t)).T
+    torch.testing.assert_close(scores["cholesky"], scores["symmetric"], atol=1e-5, rtol=0)
+    assert not torch.allclose(scores["cholesky"], unit_normalize(q) @ unit_normalize(t).T, atol=1e-3)
+
+
+def test_undamped_singular_r_is_refused_by_either_factor():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for factor in ("cholesky", "symmetric"):
+        with pytest.raises(CurvatureError, match="singular"):
+            Whitening.build([x.T @ x], [slice(0, 8)], 0.0, factor=factor)
 
 
 def test_auto_lambda_equates_the_kth_eigenvalues():

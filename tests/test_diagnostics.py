@@ -75,7 +75,8 @@ def _check_engine_diagnostic(tmp_path):
 
 def test_the_waits_after_extraction_show_progress(tmp_path, capsys):
     """After the feature bars reached 100%, R_train, R_eval, R^-1/2 and scoring printed nothing for
-    minutes; each now has a bar, and a cached R^-1/2 none."""
+    minutes; each now has a bar, and a cached factor none. With the diagnostic, R^-1/2 itself
+    (eigh) is built beside the Cholesky factor scoring uses."""
     tokenizer = make_tokenizer()
     model = make_gpt2(width=8, layers=1)
     opt = train_adafactor(model, tokenizer, lr=0.01)
@@ -83,8 +84,9 @@ def test_the_waits_after_extraction_show_progress(tmp_path, capsys):
     TrackStar(model, tokenizer, settings, optimizer=opt, work_dir=tmp_path).attribute(TRAIN, QUERIES, diagnose=True)
     err = capsys.readouterr().err
     lines = err.replace("\r", "\n").splitlines()
-    for bar in ("R_train", "R_eval", "R^-1/2 (1 × eigh", "scoring", "R diagnostic"):
+    for bar in ("R_train", "R_eval", "R^-1 factor (1 × Cholesky", "scoring", "R^-1 factor (1 × eigh",
+                "R diagnostic"):
         assert any(line.startswith(bar) and "100%" in line for line in lines), bar  # shown, and finished
     TrackStar(model, tokenizer, settings, optimizer=opt, work_dir=tmp_path).attribute(TRAIN, QUERIES)
     err = capsys.readouterr().err
-    assert "scoring" in err and "R^-1/2" not in err and "R_train" not in err  # all cached
+    assert "scoring" in err and "R^-1 factor" not in err and "R_train" not in err  # all cached

@@ -245,25 +245,28 @@ class TrackStar:
     def _blocks(self, store) -> list[slice]:
         return [sl for _, sl in store.layer_slices()] if self.settings.block_diagonal else [slice(0, store.d)]
 
-    def whitening(self, train: FeatureStore, query: FeatureStore) -> Whitening | None:
-        """R^{-1/2} of the settings' R, from the curvature cache under work_dir when there."""
+    def whitening(self, train: FeatureStore, query: FeatureStore, factor: str = "cholesky") -> Whitening | None:
+        """A W with W Wᵀ = R⁻¹ for the settings' R (``factor``: see :data:`.curvature.FACTORS`),
+        from the curvature cache under work_dir when there."""
         s = self.settings
         if s.curvature == "none":
             return None
         blocks = self._blocks(train)
         cache = CurvatureCache(self.work_dir / "curvature")
         train_key, r_train = cache.curvature(train, blocks, s.chunk_rows, self.device)
+        # The symmetric factor keeps the key it had before there was a choice.
+        named = {} if factor == "symmetric" else {"factor": factor}
         if s.curvature == "train":
-            key = {"r_train": train_key, "damping": s.damping}
-            return cache.whitening(key, blocks, lambda: Whitening.build(r_train(), blocks, s.damping))
+            key = {"r_train": train_key, "damping": s.damping, **named}
+            return cache.whitening(key, blocks, lambda: Whitening.build(r_train(), blocks, s.damping, factor=factor))
         eval_key, r_eval = cache.curvature(query, blocks, s.chunk_rows, self.device)
 
         def build() -> Whitening:
             rt, re = r_train(), r_eval()
             lam = auto_lambda(re, rt, train.d) if s.lam == "auto" else float(s.lam)
-            return Whitening.build(mix(re, rt, lam), blocks, s.damping, lam)
+            return Whitening.build(mix(re, rt, lam), blocks, s.damping, lam, factor)
 
-        key = {"r_train": train_key, "r_eval": eval_key, "lam": s.lam, "damping": s.damping}
+        key = {"r_train": train_key, "r_eval": eval_key, "lam": s.lam, "damping": s.damping, **named}
         return cache.whitening(key, blocks, build)
 
     def transform(self, x: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
@@ -429,6 +432,10 @@ class TrackStar:
         n = min(train.n_rows, TRAIN_SAMPLE)
         rows = torch.randperm(train.n_rows, generator=torch.Generator().manual_seed(0))[:n].sort().values
         sample = torch.cat([train.rows(int(i), int(i) + 1) for i in rows]) if n < train.n_rows else train.rows()
+        if whitening is not None and whitening.factor != "symmetric":
+            # The shares after whitening are measured along R's eigendirections,
+            # which only R^{-1/2} itself leaves in place: one eigendecomposition.
+            whitening = self.whitening(train, query, factor="symmetric")
         with tqdm(total=1, desc="R diagnostic (top eigenvectors of R_train, R_eval)", unit="step") as bar:
             out = curvature_diagnostic(query.rows(), sample, r_train()[0],
                                        whitening.apply if whitening is not None else None)

@@ -3,10 +3,12 @@
 R_train and R_eval are means of outer products G Gᵀ of the features that are
 scored (V-corrected where the method uses V, projected, NOT unit-normalized),
 accumulated in float64 chunk by chunk so no more than one chunk is in memory.
-R = λ R_eval + (1 − λ) R_train. R^{-1/2} is a matrix inverse square root from
-an eigendecomposition in float64 after damping R + δ·mean(eig R)·I; in block
-mode each per-parameter block is damped with its own mean eigenvalue.
-:class:`CurvatureCache` keeps R and R^{-1/2} on disk for the runs that share them.
+R = λ R_eval + (1 − λ) R_train, damped R + δ·mean(eig R)·I (in block mode
+each per-parameter block with its own mean eigenvalue). Scoring applies any W
+with W Wᵀ = R⁻¹ to both sides: the inverse transposed Cholesky factor, in
+float64, for scoring; R^{-1/2} itself (an eigendecomposition) where a measure
+depends on which W (the R diagnostic). :class:`CurvatureCache` keeps R and the
+whitenings on disk for the runs that share them.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def curvature_matrix(
     sums, count = outer_product_sums(chunks, d, blocks, device, total, desc)
     if count == 0:
         raise CurvatureError("Cannot estimate R from zero feature rows.")
-    return [acc / count for acc in sums]
+    return [acc.div_(count) for acc in sums]
 
 
 def auto_lambda(r_eval: list[torch.Tensor], r_train: list[torch.Tensor], d: int) -> float:
@@ -86,7 +88,8 @@ def auto_lambda(r_eval: list[torch.Tensor], r_train: list[torch.Tensor], d: int)
 
 
 def mix(r_eval: list[torch.Tensor], r_train: list[torch.Tensor], lam: float) -> list[torch.Tensor]:
-    return [lam * e + (1.0 - lam) * t for e, t in zip(r_eval, r_train)]
+    # The same two products and sum as lam * e + (1 - lam) * t, with one temporary fewer.
+    return [e.mul(lam).add_(t.mul(1.0 - lam)) for e, t in zip(r_eval, r_train)]
 
 
 # Below this size one thread is quick, while LAPACK's threaded eigh on a busy
@@ -118,6 +121,30 @@ def eigvalsh(matrix: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eigvalsh((r + r.T) / 2)
 
 
+def inverse_factor(matrix: torch.Tensor, damping: float) -> torch.Tensor:
+    """A W with W Wᵀ = (R + δ·mean(eig R)·I)^{-1}, from a Cholesky factor, float64.
+
+    Scores only need such a W applied to both sides (x W · y W = x R⁻¹ yᵀ, and
+    the unit norms likewise), so the symmetric R^{-1/2} is not needed for them:
+    W = U⁻¹ with Uᵀ U the damped R costs two triangular passes instead
+    of an eigendecomposition. mean(eig R) is trace(R)/d. With no damping, or a
+    damped R that Cholesky cannot factor, the eigendecomposition decides (and
+    says why R cannot be inverted).
+    """
+    n = matrix.shape[0]
+    if damping > 0 and n:
+        r = matrix.double()
+        r = (r + r.T).mul_(0.5)
+        shift = damping * float(torch.diagonal(r).sum()) / n
+        r.diagonal().add_(shift)
+        # Upper factor: R = Uᵀ U, so W = U⁻¹ gives W Wᵀ = R⁻¹ with no transpose to copy.
+        factor, info = torch.linalg.cholesky_ex(r, upper=True)
+        if int(info) == 0 and shift > 0:
+            r.zero_().diagonal().fill_(1.0)  # reuse R's memory for the identity
+            return torch.linalg.solve_triangular(factor, r, upper=True)
+    return inverse_sqrt(matrix, damping)
+
+
 def inverse_sqrt(matrix: torch.Tensor, damping: float) -> torch.Tensor:
     """(R + δ·mean(eig R)·I)^{-1/2} by eigendecomposition, float64."""
     eig, vec = eigh(matrix)
@@ -132,24 +159,32 @@ def inverse_sqrt(matrix: torch.Tensor, damping: float) -> torch.Tensor:
     return (vec * damped.rsqrt()) @ vec.T
 
 
+#: How a whitening is factored: "cholesky" (W = L^{-T}, for scoring) or
+#: "symmetric" (R^{-1/2} itself, for the R diagnostic, which measures the
+#: whitened rows along R's eigendirections and so needs this one W).
+FACTORS = ("cholesky", "symmetric")
+
+
 @dataclass
 class Whitening:
-    """R^{-1/2} as one matrix or per-block matrices; applied on the right.
+    """A W with W Wᵀ = R⁻¹ (damped), one matrix or per-block matrices; applied on the right.
 
-    Computed in float64, kept and applied in float32: the product's rounding is
-    far below the projection's own noise, and it halves the cost per chunk.
+    ``factor`` says which W (:data:`FACTORS`). Computed in float64, kept and
+    applied in float32: the product's rounding is far below the projection's
+    own noise, and it halves the cost per chunk.
     """
 
     blocks: list[slice]
     matrices: list[torch.Tensor]  # float32
     lam: float | None = None
+    factor: str = "cholesky"
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x, dtype=torch.float32)
         if self.matrices and self.matrices[0].device != x.device:  # once per device, not per chunk
             self.matrices = [m.to(x.device) for m in self.matrices]
         for s, m in zip(self.blocks, self.matrices):
-            # R^{-1/2} is symmetric, so x R^{-1/2} applies it to every row.
+            # Rows times W: (x W)(y W)ᵀ = x R⁻¹ yᵀ.
             out[:, s] = x[:, s].float() @ m
         return out
 
@@ -160,11 +195,17 @@ class Whitening:
         blocks: list[slice],
         damping: float,
         lam: float | None = None,
+        factor: str = "cholesky",
     ) -> "Whitening":
-        # One eigendecomposition per block: minutes for one 4096 × 4096 block on a CPU.
+        if factor not in FACTORS:
+            raise ValueError(f"Whitening factor {factor!r}: use one of {', '.join(FACTORS)}")
+        # Symmetric: one eigendecomposition per block, minutes for 4096 × 4096 on a
+        # CPU; Cholesky: seconds.
         size = max((m.shape[0] for m in r_blocks), default=0)
-        bar = tqdm(r_blocks, desc=f"R^-1/2 ({len(r_blocks)} × eigh ≤{size}²)", unit="block")
-        return cls(blocks, [inverse_sqrt(m, damping).float() for m in bar], lam)
+        how = "eigh" if factor == "symmetric" else "Cholesky"
+        bar = tqdm(r_blocks, desc=f"R^-1 factor ({len(r_blocks)} × {how} ≤{size}²)", unit="block")
+        make = inverse_sqrt if factor == "symmetric" else inverse_factor
+        return cls(blocks, [make(m, damping).float() for m in bar], lam, factor)
 
 
 #: A feature store's kind -> the R its rows make.
@@ -246,10 +287,12 @@ class CurvatureCache:
         return sums, count
 
     def whitening(self, key: dict, blocks: list[slice], build: Callable[[], Whitening]) -> Whitening:
+        """The whitening of ``key`` (which names its factor), built on first use."""
         path = self._path("whitening", config_hash(key))
         cached = self._load(path)
         if cached is not None:
-            return Whitening(blocks, cached["matrices"], cached["lam"])
+            return Whitening(blocks, cached["matrices"], cached["lam"], cached.get("factor", "symmetric"))
         result = build()
-        self._save(path, {"matrices": [m.cpu() for m in result.matrices], "lam": result.lam})
+        self._save(path, {"matrices": [m.cpu() for m in result.matrices], "lam": result.lam,
+                          "factor": result.factor})
         return result
