@@ -353,7 +353,7 @@ def test_tables_are_published_to_one_offline_wandb_run(results, tmp_path, monkey
         for path in (results / name).glob("*/metrics.json"):
             record = json.loads(path.read_text())
             path.write_text(json.dumps({**record, "wandb": {"mode": "offline", "group": f"{name}:{name}"}}))
-    assert main(["--results", str(results), "--out", str(out), "--wandb"]) == 0
+    assert main(["--results", str(results), "--out", str(out), "--wandb", "--html"]) == 0
     wandb.teardown()  # the service writes the run log on its own schedule
     assert not (out / "wandb").exists()  # the offline copy goes beside the cells', not into the tables
     # The documented sync command finds it with the cells' runs.
@@ -366,6 +366,9 @@ def test_tables_are_published_to_one_offline_wandb_run(results, tmp_path, monkey
     tables = {p.name.split("_")[0] for p in (run / "files" / "media" / "table").glob("*.table.json")}
     assert "table1" in tables and "figure2" in tables
     assert list((run / "files" / "media" / "images" / "figure2").glob("*.png"))
+    # The report rides along: a file of the run and an artifact of type report.
+    assert (run / "files" / "report.html").read_bytes() == (out / "report.html").read_bytes()
+    assert b"report.html" in raw
 
 
 def test_runs_differing_only_in_seeds_are_one_row_over_seeds(tmp_path):

@@ -4,7 +4,8 @@ One summary run (job type ``paper-tables``) in the sweep's project and group,
 so the dashboard shows the paper's tables next to the runs they come from:
 each table as a W&B table of its rendered cells (mean [ci_low, ci_high], as in
 the Markdown) and of its full-precision CSV columns, Figure 2 as an image and
-as a line plot per panel, findings.md as a file and as text. Offline without
+as a line plot per panel, findings.md as a file and as text, and ``report.html``
+(``--html``) as a file of the run and an artifact of type ``report``. Offline without
 credentials, like the runs; ``WANDB_MODE`` wins over ``--wandb-mode``.
 """
 
@@ -19,6 +20,7 @@ import pandas as pd
 from ..wandb_mode import resolve_mode
 from .aggregate import PaperTable
 from .render import cells, to_csv
+from .report import REPORT_FILE
 
 log = logging.getLogger("trackstar")
 
@@ -60,6 +62,12 @@ def publish(made: list[tuple[str, PaperTable]], out: Path, source: str, commits:
             if findings.is_file():
                 logged["findings"] = wandb.Html(f"<pre>{_escape(findings.read_text())}</pre>")
                 run.save(str(findings), base_path=str(out), policy="now")
+            report = out / REPORT_FILE
+            if report.is_file():  # trackstar-tables --html: the page itself, to open from the run's files
+                run.save(str(report), base_path=str(out), policy="now")
+                artifact = wandb.Artifact("report", type="report", description="trackstar-tables --html")
+                artifact.add_file(str(report))
+                run.log_artifact(artifact)
             run.log(logged)
             return {"mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent), "tables": [n for n, _ in made]}
     except Exception as exc:  # noqa: BLE001 - the local tables are complete either way
