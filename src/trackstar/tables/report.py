@@ -10,7 +10,7 @@ server, no network, one file. It holds
   predicts the target): each method's top-k proponents side by side, the
   passage text with the object's and the subject's names and aliases marked, ✓/✗ from the judge, the
   score, and the query's tail-patch@k; filters by table, relation, bucket,
-  model correctness and method;
+  model correctness, seed and method;
 - each run's provenance (its config, commit and the world card) a click away.
 
 The data sit in one JSON block (passage texts stored once) and the page draws
@@ -56,7 +56,9 @@ def _table_data(table: PaperTable, results: Path) -> dict:
     rows = []
     for (_, row), text in zip(table.rows.iterrows(), body, strict=True):
         sort = [None] * len(table.labels) + [_number(row.get(c.key)) for c in table.columns]
-        rows.append({"cells": text, "sort": sort, "run": str(row["run"]),
+        many = row.get("seed_runs")
+        runs = [str(r) for r in (many if isinstance(many, tuple) else (row["run"],))]
+        rows.append({"cells": text, "sort": sort, "run": str(row["run"]), "runs": runs,
                      "has_queries": _run_dir(str(row["run"]), results) is not None})
     return {"name": table.name, "title": table.title, "header": header, "rows": rows, "note": table.note}
 
@@ -120,7 +122,12 @@ def _run_data(run: str, results: Path, texts: dict, worlds: dict, k: int) -> dic
         }
     config = run_dir / "config.yaml"
     method = record.get("method") or {}
+    seeds = [f"{part} {value}" for part, value in (("world seed", (record.get("world") or {}).get("seed")),
+                                                   ("model seed", (record.get("model") or {}).get("seed")),
+                                                   ("projection seed", (method.get("settings") or {}).get("seed")))
+             if value is not None]
     return {"run": run, "label": method.get("label") or method.get("name") or run, "corpus": record.get("corpus"),
+            "seeds": ", ".join(seeds),
             "commit": record.get("git_commit"), "config": config.read_text() if config.is_file() else None,
             "world": world_key, "queries": queries}
 
@@ -137,10 +144,11 @@ def report_data(made: list[tuple[str, PaperTable]], results: str | Path, finding
         data = _table_data(table, results)
         tables.append(data)
         for row in data["rows"]:
-            if row["has_queries"] and row["run"] not in runs:
-                run = _run_data(row["run"], results, texts, worlds, k)
-                if run is not None:
-                    runs[row["run"]] = run
+            for name in row["runs"]:  # a row over seeds: every seed's run, to choose from
+                if name not in runs:
+                    run = _run_data(name, results, texts, worlds, k)
+                    if run is not None:
+                        runs[name] = run
     image = base64.b64encode(figure.read_bytes()).decode() if figure is not None and figure.is_file() else None
     return {"tables": tables, "runs": runs, "texts": texts, "worlds": worlds, "findings": findings,
             "figure": image, "provenance": provenance, "k": k}
@@ -185,6 +193,7 @@ pre{white-space:pre-wrap;background:#f6f8fa;padding:8px;border:1px solid #ddd;ma
 <label>table <select id="f-table"></select></label>
 <label>relation <select id="f-relation"></select></label>
 <label>bucket <select id="f-bucket"></select></label>
+<label>seeds <select id="f-seed"></select></label>
 <label>model predicts target <select id="f-model"><option value="">any</option><option value="yes">yes</option><option value="no">no</option></select></label>
 <span id="f-methods"></span>
 </div>
@@ -215,13 +224,13 @@ function setHash(changes) {
   renderQueries();
 }
 function fmt(v, d = 3) { return v == null ? "—" : (typeof v === "number" ? v.toFixed(d) : String(v)); }
-function queryTables() { return D.tables.filter((t) => t.rows.some((r) => D.runs[r.run])); }
+function queryTables() { return D.tables.filter((t) => t.rows.some((r) => r.runs.some((n) => D.runs[n]))); }
 function renderTables() {
   const out = [];
   D.tables.forEach((t, ti) => {
     out.push(`<h3 id="t-${esc(t.name)}">${esc(t.title)}</h3><table class="t" data-table="${esc(t.name)}"><thead><tr>` +
       t.header.map((h, i) => `<th data-col="${i}" title="sort">${esc(h)}</th>`).join("") + "</tr></thead><tbody>" +
-      t.rows.map((r, i) => `<tr class="${D.runs[r.run] ? "link" : ""}" data-i="${i}" data-run="${esc(r.run)}" title="${D.runs[r.run] ? "show this run's queries" : esc(r.run)}">` +
+      t.rows.map((r, i) => `<tr class="${r.runs.some((n) => D.runs[n]) ? "link" : ""}" data-i="${i}" data-run="${esc(r.run)}" title="${r.runs.some((n) => D.runs[n]) ? "show this row's queries" : esc(r.run)}">` +
         r.cells.map((c) => `<td>${esc(c)}</td>`).join("") + "</tr>").join("") + "</tbody></table>" +
       (t.note ? `<div class="meta"><i>${esc(t.note)}</i></div>` : ""));
   });
@@ -230,7 +239,7 @@ function renderTables() {
     const t = D.tables.find((x) => x.name === el.dataset.table);
     el.querySelectorAll("th").forEach((th) => th.addEventListener("click", () => sortTable(el, t, +th.dataset.col)));
     el.querySelectorAll("tr.link").forEach((tr) => tr.addEventListener("click", () => {
-      const run = D.runs[tr.dataset.run];
+      const run = D.runs[t.rows[+tr.dataset.i].runs[0]] || D.runs[tr.dataset.run];
       setHash({table: t.name, methods: "", only: run.label, view: "queries"});
       showView();
     }));
@@ -264,7 +273,12 @@ function renderQueries() {
   if (!tables.length) { $("qcount").textContent = "No run behind these tables kept its retrievals."; return; }
   const table = tables.find((t) => t.name === state.table) || tables[0];
   $("f-table").innerHTML = tables.map((t) => `<option value="${esc(t.name)}"${t === table ? " selected" : ""}>${esc(t.title)}</option>`).join("");
-  const runs = table.rows.map((r) => D.runs[r.run]).filter(Boolean);
+  // A row over seeds holds one run per seed: the seeds selector picks which (default: the lowest).
+  const seedSets = Array.from(new Set(table.rows.flatMap((r) => r.runs.map((n) => D.runs[n] && D.runs[n].seeds).filter(Boolean))));
+  const seed = seedSets.includes(state.seed) ? state.seed : (seedSets.slice().sort()[0] || "");
+  $("f-seed").innerHTML = seedSets.sort().map((v) => `<option${v === seed ? " selected" : ""}>${esc(v)}</option>`).join("");
+  const pick = (r) => r.runs.map((n) => D.runs[n]).filter(Boolean).find((x) => !seed || x.seeds === seed) || D.runs[r.runs[0]];
+  const runs = table.rows.map(pick).filter(Boolean);
   const ids = Array.from(new Set(runs.flatMap((r) => Object.keys(r.queries)))).sort();
   const info = (id) => { for (const r of runs) if (r.queries[id]) return r.queries[id]; return {}; };
   options($("f-relation"), Array.from(new Set(ids.map((i) => info(i).relation).filter((v) => v != null))).sort(), state.relation || "");
@@ -302,7 +316,7 @@ function renderQueries() {
     return `<div class="panel" data-method="${esc(r.label)}"><h3>${esc(r.label)} <span class="meta">MRR ${fmt(m.mrr)} · tail-patch@1 ${fmt(m["tail_patch@1"])} pp · @10 ${fmt(m["tail_patch@10"])} pp</span></h3>` +
       x.ids.map((id, i) => `<div class="prop"><span class="${x.correct[i] == null ? "na" : (x.correct[i] ? "ok" : "no")}">${x.correct[i] == null ? "?" : (x.correct[i] ? "✓" : "✗")}</span> ` +
         `${i + 1}. <span class="meta">${esc(id)} · ${fmt(x.scores[i], 4)}</span><br>${mark(D.texts[id] || "", x, ent)}</div>`).join("") +
-      `<details><summary class="meta">provenance</summary><div class="meta">run ${esc(r.run)} · commit ${esc(r.commit || "—")}</div>` +
+      `<details><summary class="meta">provenance</summary><div class="meta">run ${esc(r.run)} · ${esc(r.seeds || "")} · commit ${esc(r.commit || "—")}</div>` +
       `<pre>${esc(r.config || "(no config.yaml)")}</pre>${world && world.card ? `<pre>${esc(world.card)}</pre>` : ""}</details></div>`;
   }).join("");
 }
@@ -311,8 +325,8 @@ function renderStatic() {
   $("findings-body").textContent = D.findings || "(no findings: no paired tables)";
   $("provenance-body").textContent = D.provenance.join("\n");
 }
-["f-table", "f-relation", "f-bucket", "f-model"].forEach((id) => $(id).addEventListener("change", (e) => {
-  const key = {"f-table": "table", "f-relation": "relation", "f-bucket": "bucket", "f-model": "model"}[id];
+["f-table", "f-relation", "f-bucket", "f-model", "f-seed"].forEach((id) => $(id).addEventListener("change", (e) => {
+  const key = {"f-table": "table", "f-relation": "relation", "f-bucket": "bucket", "f-model": "model", "f-seed": "seed"}[id];
   setHash(key === "table" ? {table: e.target.value, query: "", methods: "", only: ""} : {[key]: e.target.value});
 }));
 window.addEventListener("hashchange", () => { readHash(); renderQueries(); });
