@@ -108,3 +108,18 @@ def test_report_renders_tables_proponents_and_filters_in_a_browser(report, tmp_p
     assert console == []
     assert f"{want} of {len(queries)} queries" in dom
     assert re.findall(r'<div class="panel" data-method="([^"]+)"', dom) == ["Gradient cosine"]
+
+
+@needs_chromium
+def test_the_committed_report_opens_from_disk(tmp_path):
+    """paper_tables/report.html, built from the committed tables' runs: every method's proponents for a query."""
+    path = ROOT / "paper_tables" / "report.html"
+    data = _data(path)
+    table = next(t for t in data["tables"] if t["name"] == "table1")
+    qid = "Q00007"
+    dom, console = _browse(path, f"#view=queries&table=table1&query={qid}", tmp_path)
+    assert console == []
+    assert f'id="query-head"><b>{qid}</b>' in dom
+    panels = re.findall(r'<div class="panel" data-method="([^"]+)"', dom)
+    assert len(panels) == len(table["rows"]) and len(set(panels)) == len(panels)
+    assert dom.count('<div class="prop">') == 10 * len(panels)

@@ -141,7 +141,7 @@ def generate(args: argparse.Namespace, command: str) -> int:
         text = findings_markdown(judged, provenance)
         atomic_write_text(out / "findings.md", text)
         print(text)
-    write_index(out, made, skipped, runs, command, generated)
+    write_index(out, made, skipped, runs, command, generated, report=args.html)
     if args.html:
         findings_path, figure_path = out / "findings.md", out / "figure2.png"
         data = report_data(made, args.results, findings_path.read_text() if paired_tables else None,
@@ -194,7 +194,8 @@ def paired_of(frame, names: list[str], strict: bool) -> dict:
     return out
 
 
-def write_index(out: Path, made: list, skipped: list[str], runs: RunSet, command: str, generated: str) -> None:
+def write_index(out: Path, made: list, skipped: list[str], runs: RunSet, command: str, generated: str,
+                report: bool = False) -> None:
     """``README.md`` of the output directory: what this invocation made, when, from what."""
     lines = [
         "# Paper tables and figures",
@@ -213,6 +214,9 @@ def write_index(out: Path, made: list, skipped: list[str], runs: RunSet, command
         lines.append(f"| {files} | {table.title} | {len(table.runs)} |")
     if (out / "findings.md").is_file() and any(name.endswith("_paired") for name, _ in made):
         lines += ["", "[findings.md](findings.md): the paper's claims judged on the paired differences."]
+    if report:
+        lines += ["", f"[{REPORT_FILE}]({REPORT_FILE}): one page to open from disk: these tables, Figure 2, the "
+                      "findings, and every query's proponents side by side, method by method."]
     if skipped:
         lines += ["", f"Skipped (no runs): {', '.join(skipped)}."]
     if runs.failed:
