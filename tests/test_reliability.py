@@ -186,7 +186,7 @@ def test_failed_force_rerun_keeps_the_finished_record(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(cell, "evaluate", broken)
+    monkeypatch.setattr(cell, "evaluate_with_pairs", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_cell(_cell(tmp_path, "force=true"))
     kept = read_record(run_dir / METRICS_FILE)

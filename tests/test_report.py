@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,12 @@ def test_report_is_one_self_contained_page(report):
             assert q["correct"] == [bool(c) for c in rec["proponent_correct"][:10]]
             assert all(data["texts"][pid] == text for pid, text in zip(rec["proponent_ids"][:10], rec["proponents"][:10]))
         assert run["config"] and run["world"] and data["worlds"][run["world"]]["card"]
+        # Each passage's tail-patch, as the run recorded it; a query's first one is its tail-patch@1.
+        pairs = pd.read_csv(Path(run["run"]) / "tail_patch.csv")
+        for qid, q in run["queries"].items():
+            mine = pairs[pairs.example_id == qid].sort_values("rank")
+            assert q["tp"] == pytest.approx(mine["delta_pp"].tolist()[:10])
+            assert q["tp"][0] == pytest.approx(q["metrics"]["tail_patch@1"])
 
 
 def _browse(page: Path, fragment: str, tmp_path: Path, screenshot: Path | None = None) -> tuple[str, list[str]]:
@@ -109,17 +116,3 @@ def test_report_renders_tables_proponents_and_filters_in_a_browser(report, tmp_p
     assert f"{want} of {len(queries)} queries" in dom
     assert re.findall(r'<div class="panel" data-method="([^"]+)"', dom) == ["Gradient cosine"]
 
-
-@needs_chromium
-def test_the_committed_report_opens_from_disk(tmp_path):
-    """paper_tables/report.html, built from the committed tables' runs: every method's proponents for a query."""
-    path = ROOT / "paper_tables" / "report.html"
-    data = _data(path)
-    table = next(t for t in data["tables"] if t["name"] == "table1")
-    qid = "Q00007"
-    dom, console = _browse(path, f"#view=queries&table=table1&query={qid}", tmp_path)
-    assert console == []
-    assert f'id="query-head"><b>{qid}</b>' in dom
-    panels = re.findall(r'<div class="panel" data-method="([^"]+)"', dom)
-    assert len(panels) == len(table["rows"]) and len(set(panels)) == len(panels)
-    assert dom.count('<div class="prop">') == 10 * len(panels)

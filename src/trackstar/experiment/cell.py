@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..device import resolve_device
 from ..evaluation.counterfactual import counterfactual
-from ..evaluation.fact_tracing import evaluate, metric_columns
+from ..evaluation.fact_tracing import evaluate_with_pairs, metric_columns
 from ..evaluation.judge import NLIJudge
 from ..evaluation.splits import metric_summary
 from ..io import ArtifactError, ensure_writable_dir, read_jsonl, sha256_file, write_jsonl
@@ -63,6 +63,8 @@ class CellState:
     key: str | None = None
     retrievals: list = field(default_factory=list)
     per_query: object = None
+    #: Tail-patch per (query, proponent), when measured.
+    tail_patch_pairs: object = None
 
     @property
     def gradient(self) -> bool:
@@ -156,7 +158,7 @@ def evaluation_step(cell: CellState) -> None:
     if cfg.eval.tail_patch and not can_patch:
         log.warning("tail-patch skipped: %s has no optimizer state", cell.ckpt_id)
     with cell.numeric():
-        cell.per_query = evaluate(
+        cell.per_query, cell.tail_patch_pairs = evaluate_with_pairs(
             cell.retrievals, cell.checkpoint if can_patch else None, cell.query_eval,
             tuple(cfg.eval.tail_patch_ks) if can_patch else (), progress=cfg.progress,
             cache_dir=cell.artifacts / "tailpatch" / checkpoint_dir_name(cell.ckpt_id),
@@ -191,8 +193,9 @@ STAGES = (("world", world_step), ("model", model_step), ("retrieval", retrieval_
           ("evaluation", evaluation_step), ("counterfactual", counterfactual_step))
 
 
-def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], object]:
-    """The stages of one cell; fills ``record`` and returns (retrievals, per-query metrics)."""
+def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], object, object]:
+    """The stages of one cell; fills ``record`` and returns (retrievals, per-query metrics,
+    per-(query, proponent) tail-patch or None)."""
     cell = CellState(cfg, retriever, record, device=resolve_device(cfg.device), artifacts=Path(cfg.artifacts_dir))
     for name, step in STAGES:
         t = time.perf_counter()
@@ -202,7 +205,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
         cell.per_query, metric_columns(cell.per_query), cfg.eval.bootstrap_resamples, cfg.eval.confidence)
     record.n_queries = int(len(cell.per_query))
     record.artifacts = _artifacts(cell)
-    return cell.retrievals, cell.per_query
+    return cell.retrievals, cell.per_query, cell.tail_patch_pairs
 
 
 def _artifacts(cell: CellState) -> dict:
@@ -286,8 +289,9 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, multirun: bool 
     t0 = time.perf_counter()
     retrievals, per_query = [], None
     try:
-        retrievals, per_query = execute(cfg, retriever, record)
+        retrievals, per_query, pairs = execute(cfg, retriever, record)
         rec.write_per_query(run_dir, per_query)
+        rec.write_tail_patch(run_dir, pairs)
         write_jsonl(run_dir / rec.RETRIEVALS_FILE, retrievals)
         rec.write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
         record.status = "finished"

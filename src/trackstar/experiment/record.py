@@ -40,6 +40,8 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 RETRIEVALS_FILE = "retrievals.jsonl"
 PER_QUERY_FILE = "per_query.csv"
+#: Tail-patch per (query, proponent): example_id, rank, proponent_id, p_before, p_after, delta_pp, ...
+TAIL_PATCH_FILE = "tail_patch.csv"
 ATTEMPTS_DIR = "attempts"
 #: Where :meth:`RunRecord.header` goes in a W&B run's config.
 WANDB_CONFIG_KEY = "run_record"
@@ -330,3 +332,9 @@ def write_config(run_dir: Path, yaml_text: str) -> None:
 
 def write_per_query(run_dir: Path, per_query) -> None:
     atomic_write_text(Path(run_dir) / PER_QUERY_FILE, per_query.to_csv(index=False))
+
+
+def write_tail_patch(run_dir: Path, pairs) -> None:
+    """The run's tail-patch per (query, proponent), when it measured any (the report shows them)."""
+    if pairs is not None and len(pairs):
+        atomic_write_text(Path(run_dir) / TAIL_PATCH_FILE, pairs.to_csv(index=False))

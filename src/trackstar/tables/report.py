@@ -9,7 +9,7 @@ server, no network, one file. It holds
 - per query (prompt, target, relation, frequency bucket, whether the model
   predicts the target): each method's top-k proponents side by side, the
   passage text with the object's and the subject's names and aliases marked, ✓/✗ from the judge, the
-  score, and the query's tail-patch@k; filters by table, relation, bucket,
+  score, each passage's tail-patch (runs that record it) and the query's tail-patch@k; filters by table, relation, bucket,
   model correctness, seed and method;
 - each run's provenance (its config, commit and the world card) a click away.
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..experiment.record import TAIL_PATCH_FILE
 from ..io import atomic_write_text, read_jsonl
 from .aggregate import PaperTable
 from .render import cells
@@ -108,6 +109,10 @@ def _run_data(run: str, results: Path, texts: dict, worlds: dict, k: int) -> dic
     if world_key is not None and world_key not in worlds:
         card = world_dir / "world_card.md"
         worlds[world_key] = {"card": card.read_text() if card.is_file() else None, "entities": _entities(world_dir)}
+    patched: dict[tuple[str, str], float] = {}
+    if (run_dir / TAIL_PATCH_FILE).is_file():  # runs since the file exists: tail-patch per passage
+        for r in pd.read_csv(run_dir / TAIL_PATCH_FILE).to_dict("records"):
+            patched[(r["example_id"], str(r["proponent_id"]))] = _number(r["delta_pp"])
     threshold = (record.get("eval") or {}).get("judge_threshold")
     queries = {}
     for rec in read_jsonl(run_dir / "retrievals.jsonl"):
@@ -117,6 +122,7 @@ def _run_data(run: str, results: Path, texts: dict, worlds: dict, k: int) -> dic
         queries[rec["example_id"]] = {
             "ids": rec["proponent_ids"][:k], "scores": [round(s, 6) for s in rec["proponent_scores"][:k]],
             "correct": correct, "metrics": metrics.get(rec["example_id"], {}),
+            "tp": [patched.get((rec["example_id"], str(pid))) for pid in rec["proponent_ids"][:k]] if patched else None,
             "prompt": rec["inputs_plaintext"], "target": rec["targets_plaintext"],
             "relation": rec.get("relation"), "bucket": rec.get("c4_frequency_bucket"), "fact": rec.get("fact_id"),
         }
@@ -315,7 +321,7 @@ function renderQueries() {
     const m = x.metrics;
     return `<div class="panel" data-method="${esc(r.label)}"><h3>${esc(r.label)} <span class="meta">MRR ${fmt(m.mrr)} · tail-patch@1 ${fmt(m["tail_patch@1"])} pp · @10 ${fmt(m["tail_patch@10"])} pp</span></h3>` +
       x.ids.map((id, i) => `<div class="prop"><span class="${x.correct[i] == null ? "na" : (x.correct[i] ? "ok" : "no")}">${x.correct[i] == null ? "?" : (x.correct[i] ? "✓" : "✗")}</span> ` +
-        `${i + 1}. <span class="meta">${esc(id)} · ${fmt(x.scores[i], 4)}</span><br>${mark(D.texts[id] || "", x, ent)}</div>`).join("") +
+        `${i + 1}. <span class="meta">${esc(id)} · ${fmt(x.scores[i], 4)}${x.tp ? ` · tail-patch ${fmt(x.tp[i])} pp` : ""}</span><br>${mark(D.texts[id] || "", x, ent)}</div>`).join("") +
       `<details><summary class="meta">provenance</summary><div class="meta">run ${esc(r.run)} · ${esc(r.seeds || "")} · commit ${esc(r.commit || "—")}</div>` +
       `<pre>${esc(r.config || "(no config.yaml)")}</pre>${world && world.card ? `<pre>${esc(world.card)}</pre>` : ""}</details></div>`;
   }).join("");
