@@ -229,14 +229,10 @@ def tail_patch(
     parameters; values equal the one-at-a-time step's within float tolerance.
     """
     _require_optimizer(checkpoint)
-    model, tok = checkpoint.model, checkpoint.tokenizer
     by_id = {q["example_id"]: q for q in queries}
     unknown = [e for e in proponents if e not in by_id]
     if unknown:
         raise KeyError(f"tail_patch: proponents given for unknown query id(s) {unknown[:5]}")
-
-    ctx = context_length(model)
-    encoded = {q: query_ids(tok, by_id[q]["prompt"], by_id[q]["target"], ctx) for q in by_id}
 
     # Who needs which proponent: one optimizer step per distinct passage.
     needed: dict[str, list[str]] = defaultdict(list)
@@ -246,17 +242,7 @@ def tail_patch(
             texts[pid] = text
             if qid not in needed[pid]:
                 needed[pid].append(qid)
-    passages = {pid: passage_ids(tok, texts[pid], ctx) for pid in needed}
-    for pid, ids in passages.items():
-        if len(ids) < 2:
-            raise ValueError(f"tail_patch: proponent {pid!r} has fewer than 2 tokens; it has no LM loss to step on")
-
-    was_training = model.training
-    try:
-        after, before = _after_and_before(checkpoint, by_id, encoded, needed, texts, passages, progress,
-                                          cache_dir, batched, memory_bytes)
-    finally:
-        model.train(was_training)
+    after, before = _measure(checkpoint, by_id, needed, texts, progress, cache_dir, batched, memory_bytes)
 
     rows = []
     for qid, ranked in proponents.items():
@@ -272,8 +258,55 @@ def tail_patch(
     return pd.DataFrame(rows)
 
 
+def one_step_effects(
+    checkpoint,
+    queries: Sequence[dict],
+    passages: Mapping[str, str],
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    batched: bool = True,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    desc: str = "one-step effects",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every query's target log-probability before, and after one step on each passage.
+
+    The exact one-step effect of every (query, passage) pair, measured as
+    :func:`tail_patch` measures it (same step, same kernels, same cache: a value
+    here is bit for bit the value tail-patch reads for that pair). Returns
+    ``(before, after)``: (queries,) and (queries, passages) float64 log-probabilities
+    in the order given; ``after - before`` is the change in log p.
+    """
+    _require_optimizer(checkpoint)
+    by_id = {q["example_id"]: q for q in queries}
+    if len(by_id) != len(queries):
+        raise ValueError("one_step_effects: query example_ids must be unique")
+    qids = list(by_id)
+    needed = {pid: list(qids) for pid in passages}
+    after, before = _measure(checkpoint, by_id, needed, dict(passages), progress, cache_dir, batched, memory_bytes,
+                             desc=desc)
+    return (np.array([before[q] for q in qids]),
+            np.array([[after[(q, pid)] for pid in passages] for q in qids]))
+
+
+def _measure(checkpoint, by_id, needed, texts, progress, cache_dir, batched, memory_bytes, desc="tail-patch"):
+    """Tokenize, then :func:`_after_and_before` with the model put back in its mode."""
+    model, tok = checkpoint.model, checkpoint.tokenizer
+    ctx = context_length(model)
+    encoded = {q: query_ids(tok, by_id[q]["prompt"], by_id[q]["target"], ctx) for q in by_id}
+    passages = {pid: passage_ids(tok, texts[pid], ctx) for pid in needed}
+    for pid, ids in passages.items():
+        if len(ids) < 2:
+            raise ValueError(f"tail_patch: proponent {pid!r} has fewer than 2 tokens; it has no LM loss to step on")
+    was_training = model.training
+    try:
+        return _after_and_before(checkpoint, by_id, encoded, needed, texts, passages, progress,
+                                 cache_dir, batched, memory_bytes, desc)
+    finally:
+        model.train(was_training)
+
+
 def _after_and_before(checkpoint, by_id, encoded, needed, texts, passages, progress, cache_dir, batched,
-                      memory_bytes) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+                      memory_bytes, desc="tail-patch") -> tuple[dict[tuple[str, str], float], dict[str, float]]:
     """(log p after each needed step per (query, proponent), log p before per query)."""
     model, tok, optimizer = checkpoint.model, checkpoint.tokenizer, checkpoint.optimizer
     pad_id = pad_token_id(tok)
@@ -299,7 +332,7 @@ def _after_and_before(checkpoint, by_id, encoded, needed, texts, passages, progr
         if missing:
             todo[pid] = missing
 
-    bar = tqdm(total=len(todo), desc="tail-patch", unit="proponent", disable=not progress)
+    bar = tqdm(total=len(todo), desc=desc, unit="passage" if desc != "tail-patch" else "proponent", disable=not progress)
     if engine is not None:
         for chunk in _chunks_by_length(todo, passages, engine.chunk, engine.max_width,
                                        lambda q: query_width(len(encoded[q][0]), engine.max_width)):

@@ -31,6 +31,7 @@ from ..evaluation.splits import metric_summary
 from ..io import ArtifactError, ensure_writable_dir, read_jsonl, sha256_file, write_jsonl
 from ..lm import evaluate_queries
 from ..retrieval import Corpus, RetrievalTask, run
+from ..retrieval.registry import CHECKPOINT_FAMILIES
 from ..runtime import compute_stage
 from ..world import load_world
 from . import record as rec
@@ -69,6 +70,16 @@ class CellState:
     @property
     def gradient(self) -> bool:
         return self.retriever.family == "gradient"
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        """Gradient rows and the tail-patch oracle score with the model."""
+        return self.retriever.family in CHECKPOINT_FAMILIES
+
+    @property
+    def tail_patch_cache(self) -> Path:
+        """The checkpoint's tail-patch cache: the evaluation and the oracle share it."""
+        return self.artifacts / "tailpatch" / checkpoint_dir_name(self.ckpt_id)
 
     def numeric(self):
         """The compute slot every numeric stage runs in (see :mod:`trackstar.runtime`)."""
@@ -121,10 +132,11 @@ def retrieval_step(cell: CellState) -> None:
     queries = world.queries if n is None else world.queries[:n]
     features = features_dir(cell.artifacts, cell.ckpt_id, cfg.eval.corpus)
     cell.task = RetrievalTask(world=world, corpus=cfg.eval.corpus, queries=queries, k=cfg.eval.k,
-                              checkpoint=cell.checkpoint if cell.gradient else None,
+                              checkpoint=cell.checkpoint if cell.needs_checkpoint else None,
                               work_dir=features if cell.gradient else None, device=cell.device,
-                              shards=cfg.shard.count, diagnose=cfg.diagnostics)
-    cell.key = retrieval_key(world.manifest, cell.ckpt_id if cell.gradient else None, cell.retriever.cache_key(),
+                              shards=cfg.shard.count, diagnose=cfg.diagnostics,
+                              tail_patch_cache=cell.tail_patch_cache if cell.needs_checkpoint else None)
+    cell.key = retrieval_key(world.manifest, cell.ckpt_id if cell.needs_checkpoint else None, cell.retriever.cache_key(),
                              cfg.eval.corpus, cfg.eval.k, cfg.eval.n_queries)
 
     def compute():
@@ -161,7 +173,7 @@ def evaluation_step(cell: CellState) -> None:
         cell.per_query, cell.tail_patch_pairs = evaluate_with_pairs(
             cell.retrievals, cell.checkpoint if can_patch else None, cell.query_eval,
             tuple(cfg.eval.tail_patch_ks) if can_patch else (), progress=cfg.progress,
-            cache_dir=cell.artifacts / "tailpatch" / checkpoint_dir_name(cell.ckpt_id),
+            cache_dir=cell.tail_patch_cache,
             ais_threshold=cfg.eval.judge_threshold,
         )
 

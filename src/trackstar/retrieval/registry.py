@@ -9,7 +9,9 @@ the open set, as release-schema retrieval records. Each one declares
 - ``settings``: the resolved values that determine its results. Its cache key
   is built from them, so two retrievers never share cached records;
 - ``label`` and ``rank``: how the tables name it and where its row goes;
-- ``family``: ``baseline`` (text only) or ``gradient`` (needs a checkpoint).
+- ``family``: ``baseline`` (text only), ``gradient`` (needs a checkpoint; takes
+  the shared attribution settings) or ``influence`` (needs a checkpoint with its
+  optimizer state; its own options only: the tail-patch oracle).
 
 Adding a baseline is one module in this package that calls :func:`register`
 at import time, plus a ``conf/method/<name>.yaml``. The modules of this
@@ -32,7 +34,9 @@ import numpy as np
 from ..io import config_hash
 from .records import CORPORA, Corpus
 
-FAMILIES = ("baseline", "gradient")
+FAMILIES = ("baseline", "gradient", "influence")
+#: Families that score with the model, so need a checkpoint (and key their cache by it).
+CHECKPOINT_FAMILIES = ("gradient", "influence")
 
 
 @dataclass
@@ -55,6 +59,9 @@ class RetrievalTask:
     shards: int = 1
     #: Gradient rows with R: also record the R diagnostic in the info.
     diagnose: bool = False
+    #: The checkpoint's tail-patch cache (one directory per checkpoint), which the
+    #: tail-patch oracle fills and the evaluation's tail-patch reads; None: no cache.
+    tail_patch_cache: Path | None = None
 
 
 class Retriever(ABC):
@@ -219,7 +226,7 @@ def run(retriever: Retriever, task: RetrievalTask) -> tuple[list[dict], dict]:
     size = len(Corpus.from_world(task.world, task.corpus))
     if task.k > size:
         raise ValueError(f"k={task.k} exceeds the {task.corpus} corpus size {size}; lower eval.k.")
-    if retriever.family == "gradient" and task.checkpoint is None:
+    if retriever.family in CHECKPOINT_FAMILIES and task.checkpoint is None:
         raise ValueError(
             f"method {retriever.name!r} needs a model checkpoint; pass checkpoint=load_checkpoint(...)."
         )

@@ -32,6 +32,7 @@ OPTIONAL_SWEEPS = {
     "table_c1": "counterfactual validation: 159 retrains of the micro model",
     "scale_study": "Figure 2 at every model size in two training regimes (`trackstar scale-study`)",
     "table1_seeds": "Table 1 over model seeds 1 and 2 (seed 0 is table1's): 24 more runs",
+    "oracle": "the tail-patch oracle (ceiling) of Tables 1, 2, A.3-A.7: every passage stepped, about 5 min per corpus",
 }
 
 

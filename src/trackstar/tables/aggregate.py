@@ -52,6 +52,9 @@ class PaperTable:
     rows: pd.DataFrame
     note: str | None = None
     superseded: list[str] = field(default_factory=list)
+    #: Per-query values of columns that no run record holds (a share of the oracle):
+    #: column key -> row's run -> values indexed by example_id, for the paired companion.
+    series: dict[str, dict[str, pd.Series]] = field(default_factory=dict)
 
     @property
     def runs(self) -> list[str]:
@@ -236,7 +239,8 @@ def _method_table(name: str, title: str, runs: pd.DataFrame, columns, note, stri
 
 
 def _trackstar_only(name: str, runs: pd.DataFrame) -> pd.DataFrame:
-    others = sorted(set(runs["method"]) - {"trackstar"})
+    # The tail-patch oracle joins every table with tail-patch (see .oracle), not as an ablation.
+    others = sorted(set(runs["method"]) - {"trackstar", "oracle_tail_patch"})
     if others:
         warnings.warn(f"{name} is a TrackStar ablation; runs of {others} tagged {name} are left out.", stacklevel=3)
     return runs[runs["method"] == "trackstar"]
@@ -329,13 +333,24 @@ def table_c1(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
     )
 
 
+def _with_oracle(build: Callable[..., PaperTable | None]) -> Callable[..., PaperTable | None]:
+    """``build``, then the tail-patch oracle's row and shares (:mod:`.oracle`)."""
+    def built(runs: pd.DataFrame, strict: bool = False) -> PaperTable | None:
+        from .oracle import attach_oracle  # reads per-query files, and imports this module
+
+        return attach_oracle(build(runs, strict), runs)
+
+    built.__name__, built.__doc__ = build.__name__, build.__doc__
+    return built
+
+
 TABLES: dict[str, Callable[..., PaperTable | None]] = {
-    "table1": table1,
-    "table2": table2,
-    "table_a3": table_a3,
-    "table_a4": table_a4,
-    "table_a5": table_a5,
-    "table_a6": table_a6,
-    "table_a7": table_a7,
+    "table1": _with_oracle(table1),
+    "table2": _with_oracle(table2),
+    "table_a3": _with_oracle(table_a3),
+    "table_a4": _with_oracle(table_a4),
+    "table_a5": _with_oracle(table_a5),
+    "table_a6": _with_oracle(table_a6),
+    "table_a7": _with_oracle(table_a7),
     "table_c1": table_c1,
 }

@@ -79,12 +79,15 @@ def _rows(paired: dict[str, PaperTable], table: str) -> list[str]:
 
 
 def _methods(paired: dict[str, PaperTable], table: str) -> list[str]:
-    """The rows that are attribution methods: not the first-order tail-patch reference."""
-    return [r for r in _rows(paired, table) if not r.startswith(REFERENCE_ROW)]
+    """The rows that are attribution methods: not the first-order tail-patch reference nor the oracle."""
+    return [r for r in _rows(paired, table) if not r.startswith((REFERENCE_ROW, ORACLE_ROW))]
 
 
 #: Label prefix of the reference rows (method first_order): a prediction of tail-patch, not a method.
 REFERENCE_ROW = "First-order tail-patch"
+#: Label prefix of the tail-patch oracle's row (exact one-step effects): the ceiling, not a method.
+ORACLE_ROW = "Tail-patch oracle"
+SHARE = "oracle_share/tail_patch@10"
 
 
 def findings(paired: dict[str, PaperTable], runs: pd.DataFrame | None = None) -> list[Finding]:
@@ -99,6 +102,15 @@ def findings(paired: dict[str, PaperTable], runs: pd.DataFrame | None = None) ->
             f"({'closed' if table == 'table1' else 'open'} set)",
             [Comparison(table, r, "TrackStar", "tail_patch@10", -1) for r in others], paired,
             f"needs the {table} sweep with per-query records"))
+    for table in ("table1", "table2"):
+        others = [r for r in _methods(paired, table) if r != "TrackStar"]
+        out.append(judge(
+            f"({'a‴' if table == 'table1' else 'a⁗'}) TrackStar's proponents come closest to the tail-patch oracle: "
+            f"the highest share of the oracle's tail-patch@10, per query "
+            f"({'closed' if table == 'table1' else 'open'} set)",
+            [Comparison(table, r, "TrackStar", SHARE, -1) for r in others], paired,
+            f"needs the {table} sweep and the oracle's run on its checkpoint (sweep `oracle`; optional in the "
+            "quick reproduction: trackstar quick --tables oracle)"))
     out.append(judge(
         "(a″) counterfactually too: leaving out TrackStar's top 10 proponents and retraining lowers the target "
         "most (leave-top-10-out drop, open set, Table C.1)",
@@ -123,6 +135,7 @@ def findings(paired: dict[str, PaperTable], runs: pd.DataFrame | None = None) ->
             [Comparison("table_a3", "Margin", "loss", metric, -1)], paired,
             "needs the table_a3 sweep with per-query records"))
     out.append(first_order_reference(paired))
+    out.append(oracle_reference(paired, runs if runs is not None else pd.DataFrame()))
     if runs is not None:
         out.append(r_diagnostic(runs))
     return out
@@ -229,6 +242,31 @@ def first_order_reference(paired: dict[str, PaperTable]) -> Finding:
                 evidence.append(f"{table}: {r} − first-order, tail_patch@10: {cell[0]:+.3f} [{cell[1]:+.3f}, {cell[2]:+.3f}]")
     if not evidence:
         return Finding(claim, UNCHECKED, ["needs the first_order row in the table1 or table2 sweep"])
+    return Finding(claim, REFERENCE, evidence)
+
+
+def oracle_reference(paired: dict[str, PaperTable], runs: pd.DataFrame) -> Finding:
+    """What the ceiling is: how often the most influential passages state the fact (the oracle's
+    MRR and recall), and how far each row's tail-patch@10 is below the oracle's."""
+    claim = ("(oracle) the tail-patch ceiling: how often the passages with the largest exact one-step effect "
+             "state the fact, and each row's tail-patch@10 against the oracle's: not a claim, the ceiling")
+    evidence = []
+    oracle = runs[runs["method"] == "oracle_tail_patch"] if {"method", "table"} <= set(runs) else pd.DataFrame()
+    for table in ("table1", "table2"):
+        mine = oracle[oracle["table"] == table] if not oracle.empty else oracle
+        latest = mine.sort_values("finished", na_position="first") if "finished" in mine else mine
+        for _, r in latest.tail(1).iterrows():
+            parts = [f"{m} {r[m]:.3f} [{r.get(f'{m}/ci_low', float('nan')):.3f}, {r.get(f'{m}/ci_high', float('nan')):.3f}]"
+                     for m in ("mrr", "recall@10", "tail_patch@10") if m in r and pd.notna(r[m])]
+            evidence.append(f"{table}: the oracle's {'; '.join(parts)} ({r['corpus']} set, model seed {r.get('model_seed')})")
+        for row in _rows(paired, table):
+            if row.startswith(ORACLE_ROW):
+                continue
+            cell = _cell(paired, Comparison(table, row, "Oracle", "tail_patch@10", 1))
+            if cell is not None:
+                evidence.append(f"{table}: {row} − oracle, tail_patch@10: {cell[0]:+.3f} [{cell[1]:+.3f}, {cell[2]:+.3f}] pp")
+    if not evidence:
+        return Finding(claim, UNCHECKED, ["needs the oracle sweep (trackstar quick --tables oracle)"])
     return Finding(claim, REFERENCE, evidence)
 
 

@@ -4,7 +4,8 @@ Whether one method beats another is a paired question: every run of a table
 scores the same queries, so the difference of their per-query metrics has a
 far tighter interval than the two marginal intervals suggest. For each row and
 each reference (TrackStar, BM25 and the first-order tail-patch prediction in
-the method tables; the default TrackStar row in the ablation tables), the companion table ``<name>_paired`` gives the
+the method tables; the default TrackStar row in the ablation tables; the
+tail-patch oracle wherever a table has it), the companion table ``<name>_paired`` gives the
 mean per-query difference (row minus reference) with a percentile-bootstrap
 interval over queries (the runs' own resamples and confidence, seed 0),
 computed from the ``per_query.csv`` each run record keeps. Queries are those
@@ -28,15 +29,25 @@ from .aggregate import Column, PaperTable, label_column
 METHOD_REFERENCES = (("TrackStar", lambda r: r["method"] == "trackstar"), ("BM25", lambda r: r["method"] == "bm25"))
 #: The first-order prediction of tail-patch (over the attributed matrices, as every method row).
 FIRST_ORDER = ("First-order", lambda r: r["method"] == "first_order" and r.get("params", "default") == "default")
+#: The tail-patch oracle (exact one-step effects), where a table has it (see .oracle).
+ORACLE = ("Oracle", lambda r: r["method"] == "oracle_tail_patch")
+
+
+def _trackstar(test: Callable[[pd.Series], bool]) -> Callable[[pd.Series], bool]:
+    # An ablation table's reference is a TrackStar row, never the borrowed oracle row.
+    return lambda r: r["method"] == "trackstar" and test(r)
+
+
 REFERENCES: dict[str, tuple[tuple[str, Callable[[pd.Series], bool]], ...]] = {
-    "table1": (*METHOD_REFERENCES, FIRST_ORDER),
-    "table2": (*METHOD_REFERENCES, FIRST_ORDER),
-    "table_a6": METHOD_REFERENCES,
+    "table1": (*METHOD_REFERENCES, FIRST_ORDER, ORACLE),
+    "table2": (*METHOD_REFERENCES, FIRST_ORDER, ORACLE),
+    "table_a6": (*METHOD_REFERENCES, ORACLE),
     "table_c1": (*METHOD_REFERENCES, ("Random scores", lambda r: r["method"] == "random")),
-    "table_a3": (("loss", lambda r: r["output_fn"] == "loss"),),
-    "table_a4": (("d=4096", lambda r: r["projection"] == "gaussian" and int(r["d"]) == 4096),),
-    "table_a5": (("TrackStar", lambda r: bool(r["use_v"]) and r["curvature"] == "mix" and bool(r["unit_norm"])
-                  and str(r["lam"]) == str(r.get("lam_default"))),),
+    "table_a3": (("loss", _trackstar(lambda r: r["output_fn"] == "loss")), ORACLE),
+    "table_a4": (("d=4096", _trackstar(lambda r: r["projection"] == "gaussian" and int(r["d"]) == 4096)), ORACLE),
+    "table_a5": (("TrackStar", _trackstar(lambda r: bool(r["use_v"]) and r["curvature"] == "mix"
+                                          and bool(r["unit_norm"]) and str(r["lam"]) == str(r.get("lam_default")))),
+                 ORACLE),
 }
 
 
@@ -105,17 +116,22 @@ def paired_table(table: PaperTable) -> PaperTable | None:
         if len(matches) != 1:
             continue
         ref = rows.iloc[matches[0]]
-        for c in (c for c in table.columns if c.paired):
+        for c in (c for c in table.columns if c.paired and not (c.key in table.series and ref_label == ORACLE[0])):
             key = f"paired/{ref_label}/{c.key}"
             columns.append(Column(f"Δ {c.header} vs {ref_label}", key))
             stats_ = []
+            held = table.series.get(c.key)  # per-query values the tables computed (shares of the oracle)
             for _, r in rows.iterrows():
                 same = r["run"] == ref["run"]
-                a, b = frames[r["run"]], frames[ref["run"]]
-                if same or c.key not in a or c.key not in b or worlds(r) != worlds(ref) or len(worlds(r)) > 1:
+                if held is not None:
+                    a, b = held.get(r["run"]), held.get(ref["run"])
+                else:
+                    a, b = frames[r["run"]], frames[ref["run"]]
+                    a, b = (a[c.key] if c.key in a else None), (b[c.key] if c.key in b else None)
+                if same or a is None or b is None or worlds(r) != worlds(ref) or len(worlds(r)) > 1:
                     stats_.append({"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0})
                 else:
-                    stats_.append(paired_difference(a[c.key], b[c.key], float(r.get("confidence") or 0.95),
+                    stats_.append(paired_difference(a, b, float(r.get("confidence") or 0.95),
                                                     int(r.get("bootstrap_resamples") or 1000)))
             new[key] = [s["mean"] for s in stats_]
             for part in ("ci_low", "ci_high", "n"):
