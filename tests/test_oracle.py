@@ -80,7 +80,8 @@ def test_oracle_tail_patch_is_the_ceiling_of_every_row(oracle, micro_world, chec
         assert len(both) == N_QUERIES
         for k in (1, 3, 5, 10):
             for unit in ("tail_patch", "tail_patch_rel", "tail_patch_logprob"):
-                assert (both[f"{unit}@{k}"] >= both[f"{unit}@{k}_{name}"]).all(), (name, unit, k)
+                # Exact up to the summation order of a mean (the same k values in another order).
+                assert (both[f"{unit}@{k}"] >= both[f"{unit}@{k}_{name}"] - 1e-12).all(), (name, unit, k)
 
 
 def test_the_ceiling_check_can_fail(oracle, checkpoint):
