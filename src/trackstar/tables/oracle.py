@@ -25,9 +25,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from ..evaluation.splits import bootstrap_mean
 from .aggregate import Column, PaperTable, label_column, over_seeds
-from .paired import per_query
+from .paired import paired_difference, per_query
 
 ORACLE = "oracle_tail_patch"
 #: Where the runs of one oracle are interchangeable: one world, checkpoint and corpus.
@@ -124,8 +123,11 @@ def attach_oracle(table: PaperTable | None, runs: pd.DataFrame) -> PaperTable | 
                 pooled = pd.concat(shares, axis=1).mean(axis=1).dropna()
             else:  # seeds of several worlds: queries differ, each (seed, query) counts once
                 pooled = pd.concat(shares).dropna()
-            mean, low, high = bootstrap_mean(pooled.to_numpy(), float(r.get("confidence") or 0.95),
-                                             int(r.get("bootstrap_resamples") or 1000))
+            # The mean with the percentile bootstrap every interval of the tables uses (against 0).
+            flat = pooled.reset_index(drop=True)
+            stat = paired_difference(flat, pd.Series(0.0, index=flat.index), float(r.get("confidence") or 0.95),
+                                     int(r.get("bootstrap_resamples") or 1000))
+            mean, low, high = stat["mean"], stat["ci_low"], stat["ci_high"]
             if shares and pooled.index.is_unique:
                 series[key][r["run"]] = pooled
             for part, v in zip(("", "/ci_low", "/ci_high", "/n"), (mean, low, high, len(pooled)), strict=True):
