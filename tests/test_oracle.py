@@ -60,6 +60,35 @@ def test_oracle_ranks_by_the_exact_one_step_change(oracle, micro_world, checkpoi
         assert rec["opponent_ids"][0] == rec["proponent_ids"][-1]  # opponents: the passages that lower it most
 
 
+def test_rank_agreement_is_spearman_against_the_brute_force_truth(oracle, micro_world, checkpoint):
+    from scipy.stats import spearmanr
+
+    records, info, _, queries = oracle
+    agreement = info["rank_agreement"]
+    assert set(agreement) == {"first_order", "first_order:projection=identity",
+                              "first_order:params=all,projection=identity", "exp3", "trackstar"}
+    truth = _brute_force(checkpoint, micro_world, queries)
+    corpus = Corpus.from_world(micro_world, "closed")
+    row = get_retriever("first_order", {"projection": "identity"})
+    scores = row.score_matrix(_task(micro_world, checkpoint, None))
+    for q, s in zip(queries, scores, strict=True):
+        expected = spearmanr(s, truth.loc[q["example_id"], corpus.ids].to_numpy()).statistic
+        assert agreement["first_order:projection=identity"]["per_query"][q["example_id"]] == pytest.approx(
+            expected, abs=0.01)
+    stats = agreement["first_order:projection=identity"]
+    assert stats["queries"] == len(queries) and stats["min"] <= stats["median"] <= stats["max"]
+    assert stats["label"] == "First-order tail-patch (reference)"
+    assert agreement["first_order:params=all,projection=identity"]["label"].endswith("all parameters)")
+
+
+def test_rank_agreement_takes_gradient_rows_only(micro_world, checkpoint):
+    with pytest.raises(ValueError, match="key=value"):
+        get_retriever("oracle_tail_patch", {"agreement": ["first_order:identity"]})
+    retriever = get_retriever("oracle_tail_patch", {"agreement": ["bm25"]})
+    with pytest.raises(ValueError, match="not a gradient row"):
+        run(retriever, _task(micro_world, checkpoint, None))
+
+
 def test_oracle_tail_patch_is_the_ceiling_of_every_row(oracle, micro_world, checkpoint, tmp_path):
     records, _, cache, queries = oracle
     top = [{**r, **{f: r[f][:10] for f in ("proponents", "proponent_ids", "proponent_scores", "proponent_correct")}}

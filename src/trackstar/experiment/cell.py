@@ -90,7 +90,7 @@ class CellState:
         feature stores and curvature (e.g. exp2 and exp4), so parallel jobs take turns
         (the stage lock is always taken before the compute slot)."""
         stack = ExitStack()
-        if self.gradient:
+        if self.needs_checkpoint:  # the oracle scores gradient rows too (its rank agreement)
             work = self.task.work_dir
             stack.enter_context(stage_lock(self.artifacts, f"features-{work.parent.name}-{work.name}"))
         stack.enter_context(self.numeric())
@@ -133,7 +133,7 @@ def retrieval_step(cell: CellState) -> None:
     features = features_dir(cell.artifacts, cell.ckpt_id, cfg.eval.corpus)
     cell.task = RetrievalTask(world=world, corpus=cfg.eval.corpus, queries=queries, k=cfg.eval.k,
                               checkpoint=cell.checkpoint if cell.needs_checkpoint else None,
-                              work_dir=features if cell.gradient else None, device=cell.device,
+                              work_dir=features if cell.needs_checkpoint else None, device=cell.device,
                               shards=cfg.shard.count, diagnose=cfg.diagnostics,
                               tail_patch_cache=cell.tail_patch_cache if cell.needs_checkpoint else None)
     cell.key = retrieval_key(world.manifest, cell.ckpt_id if cell.needs_checkpoint else None, cell.retriever.cache_key(),

@@ -48,6 +48,8 @@ WANDB_CONFIG_KEY = "run_record"
 STATS = ("mean", "ci_low", "ci_high", "n")
 SPLIT_PREFIX = "split/"
 #: Table-row columns of the R diagnostic a gradient run with R records in its info.
+#: Flat run-table columns of the tail-patch oracle's rank agreement (info.rank_agreement).
+AGREEMENT_PREFIX = "agreement/"
 DIAGNOSTIC_PREFIX = "rdiag/"
 UNKNOWN_COMMIT = "unknown"
 
@@ -190,6 +192,9 @@ class RunRecord:
         }
         row.update({k: v for k, v in self.method.settings.items() if k not in row})
         row.update({f"{DIAGNOSTIC_PREFIX}{k}": v for k, v in (self.info.get("curvature_diagnostic") or {}).items()})
+        for spec, stats in (self.info.get("rank_agreement") or {}).items():  # the tail-patch oracle's
+            row.update({f"{AGREEMENT_PREFIX}{spec}/{k}": stats.get(k) for k in ("label", "mean", "median", "min", "max",
+                                                                                  "queries")})
         row.update(self.flat_metrics())
         return row
 

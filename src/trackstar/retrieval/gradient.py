@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from ..attribution.api import TrackStar
 from ..attribution.gradients import all_parameter_sites, block_linear_sites
 from ..attribution.methods import METHODS, method_settings
@@ -98,6 +100,15 @@ class GradientRetriever(Retriever):
         """The top-k among shard ``index`` of ``task.shards`` of the training rows (a map job)."""
         corpus = Corpus.from_world(task.world, task.corpus)
         return self._engine(task).score_shard(corpus.texts, _queries(task), index, task.shards, train_ids=corpus.ids)
+
+    def score_matrix(self, task: RetrievalTask) -> np.ndarray:
+        """(queries, passages) float64: every passage's score for every query (what it ranks)."""
+        corpus = Corpus.from_world(task.world, task.corpus)
+        out = np.zeros((len(task.queries), len(corpus)))
+        for start, chunk in self._engine(task).all_scores(corpus.texts, _queries(task), train_ids=corpus.ids,
+                                                          shards=task.shards):
+            out[:, start:start + chunk.shape[1]] = chunk.double().cpu().numpy()
+        return out
 
     def subset_sums(self, task: RetrievalTask, masks):
         corpus = Corpus.from_world(task.world, task.corpus)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..experiment.record import DIAGNOSTIC_PREFIX
+from ..experiment.record import AGREEMENT_PREFIX, DIAGNOSTIC_PREFIX
 from .aggregate import PaperTable, label_column, regime_label
 from .figures import SIZE_ORDER
 from .paired import paired_difference, per_query
@@ -136,6 +136,7 @@ def findings(paired: dict[str, PaperTable], runs: pd.DataFrame | None = None) ->
             "needs the table_a3 sweep with per-query records"))
     out.append(first_order_reference(paired))
     out.append(oracle_reference(paired, runs if runs is not None else pd.DataFrame()))
+    out.append(agreement_reference(runs if runs is not None else pd.DataFrame()))
     if runs is not None:
         out.append(r_diagnostic(runs))
     return out
@@ -267,6 +268,34 @@ def oracle_reference(paired: dict[str, PaperTable], runs: pd.DataFrame) -> Findi
                 evidence.append(f"{table}: {row} − oracle, tail_patch@10: {cell[0]:+.3f} [{cell[1]:+.3f}, {cell[2]:+.3f}] pp")
     if not evidence:
         return Finding(claim, UNCHECKED, ["needs the oracle sweep (trackstar quick --tables oracle)"])
+    return Finding(claim, REFERENCE, evidence)
+
+
+def agreement_reference(runs: pd.DataFrame) -> Finding:
+    """How well each row's scores over every passage rank the passages as the exact one-step
+    change does (Spearman per query; the oracle runs' ``info.rank_agreement``)."""
+    claim = ("(ref′) the first-order row against the truth: Spearman's rank correlation, per query, between a "
+             "row's scores over every passage and the exact one-step change of the query's target (the oracle's): "
+             "not a claim, how good the yardstick is")
+    columns = [c for c in runs.columns if c.startswith(AGREEMENT_PREFIX) and c.endswith("/mean")] \
+        if {"method", "table"} <= set(runs) else []
+    oracle = runs[runs["method"] == "oracle_tail_patch"] if columns else pd.DataFrame()
+    evidence = []
+    for table in ("table1", "table2"):
+        mine = oracle[oracle["table"] == table] if not oracle.empty else oracle
+        if "finished" in mine:
+            mine = mine.sort_values("finished", na_position="first", kind="stable")
+        for _, r in mine.iterrows():
+            for c in columns:
+                if pd.isna(r.get(c)):
+                    continue
+                spec = c[len(AGREEMENT_PREFIX):-len("/mean")]
+                get = lambda k: r.get(f"{AGREEMENT_PREFIX}{spec}/{k}")  # noqa: E731
+                evidence.append(f"{table} ({r['corpus']} set, model seed {r.get('model_seed')}): {get('label')} "
+                                f"[{spec}]: mean {get('mean'):.3f}, median {get('median'):.3f}, range "
+                                f"[{get('min'):.3f}, {get('max'):.3f}] over {int(get('queries'))} queries")
+    if not evidence:
+        return Finding(claim, UNCHECKED, ["needs the oracle sweep's runs (trackstar quick --tables oracle)"])
     return Finding(claim, REFERENCE, evidence)
 
 
