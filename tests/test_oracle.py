@@ -206,6 +206,35 @@ def test_tables_carry_the_oracle_row_and_every_rows_share(runs):
     assert any(c.key.startswith("oracle_share/split/greedy_correct/") for c in a7.columns)
 
 
+def test_a_row_over_more_seeds_than_the_oracle_is_compared_on_its_seeds_only(runs, tmp_path):
+    import shutil
+
+    from trackstar.experiment import compose_config, run_cell
+    from trackstar.tables import TABLES, load_local_runs
+    from trackstar.tables.paired import paired_table, per_query
+
+    copy = tmp_path / "res"
+    shutil.copytree(runs, copy)
+    art = runs.parent / "art"
+    record = run_cell(compose_config([f"artifacts_dir={art}", f"results_dir={copy}", "progress=false", "logger=none",
+                                      "world=micro", "model=micro", "model.seed=1", "eval.n_queries=6",
+                                      "stage_threads=1", "method.d=64", "experiment=table1", "method=bm25"]))
+    assert record.status == "finished", record.error
+    frame = load_local_runs(copy).frame
+    table = TABLES["table1"](frame)
+    rows = table.rows.set_index("method")
+    assert len(rows.loc["bm25", "seed_runs"]) == 2
+    # The share is seed 0's alone (the oracle's checkpoint), and the note says which seeds.
+    seed0 = frame[(frame["method"] == "bm25") & (frame["model_seed"] == 0)]["run"].iloc[0]
+    ceiling = per_query(rows.loc["oracle_tail_patch", "run"])["tail_patch@10"]
+    expected = (per_query(seed0)["tail_patch@10"] / ceiling).mean()
+    assert rows.loc["bm25", "oracle_share/tail_patch@10"] == pytest.approx(expected, rel=1e-12)
+    assert "(world, model) seeds (0, 0) only" in table.note
+    paired = paired_table(table)
+    cells = paired.rows.set_index("label:Method")
+    assert pd.isna(cells.loc["BM25", "paired/Oracle/tail_patch@10"])  # two seeds against one: blank
+
+
 def test_a_table_without_an_oracle_run_is_unchanged(runs, tmp_path):
     import shutil
 

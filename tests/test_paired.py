@@ -153,7 +153,10 @@ def test_paired_difference_of_a_row_over_seeds_uses_its_seed_mean_per_query(tmp_
     rng = np.random.default_rng(4)
     base = rng.uniform(0.2, 0.8, N)
     ref = _per_query(rng, base, 0.0, 0.02)
-    ref.to_csv(write(tmp_path / "results", record("table1", "trackstar", 0.5)) / "per_query.csv", index=False)
+    for seed in (0, 1):  # the reference over the same model seeds (rows pair only over the same checkpoints)
+        rec = record("table1", "trackstar", 0.5)
+        rec["model"]["seed"], rec["config_id"], rec["seedless_id"] = seed, f"ts-seed{seed}", "ts"
+        ref.to_csv(write(tmp_path / "results", rec) / "per_query.csv", index=False)
     seeds = []
     for seed in (0, 1):
         rec = record("table1", "bm25", 0.6)

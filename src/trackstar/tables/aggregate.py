@@ -213,6 +213,7 @@ def over_seeds(group: pd.DataFrame, columns) -> pd.Series:
     row = group.sort_values("finished", na_position="first", kind="stable").iloc[-1].copy()
     row["seed_runs"] = tuple(group["run"])
     row["seed_worlds"] = tuple(sorted({str(w) for w in group["world_seed"]}))
+    row["seed_models"] = tuple(sorted({str(m) for m in group["model_seed"]})) if "model_seed" in group else ()
     for c in columns:
         if c.key not in group:
             continue

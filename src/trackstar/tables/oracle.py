@@ -15,7 +15,8 @@ most any top k can reach on that query. A table with tail-patch columns gets
   rows' shares over the same queries too (not against the oracle: its share is 1).
 
 A row over seeds takes, per seed, the oracle of that seed's checkpoint; seeds
-without one are left out of its share, and the table's note says so.
+without one are left out of its share, and the table's note names the seeds
+the oracle covers.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def attach_oracle(table: PaperTable | None, runs: pd.DataFrame) -> PaperTable | 
     columns: list[Column] = []
     new: dict[str, list] = {}
     series: dict[str, dict[str, pd.Series]] = {}
-    partial = False
+    partial, covered = False, set()
     for c in table.columns:
         columns.append(c)
         m = _TAIL_PATCH.match(c.key)
@@ -116,6 +117,8 @@ def attach_oracle(table: PaperTable | None, runs: pd.DataFrame) -> PaperTable | 
                     a = a[a[m["split"]].astype(str) == m["group"]] if m["split"] in a else a.iloc[0:0]
                 shares.append(per_query_share(a[metric], b[metric]))
             partial |= 0 < len(shares) < len(members.get(r["run"], []))
+            covered |= {(str(run.get("world_seed")), str(run.get("model_seed"))) for run in members.get(r["run"], [])
+                        if _match(run) in oracles}
             if not shares:
                 pooled = pd.Series(dtype=float)
             elif len({_match(run)[0] for run in members[r["run"]]}) == 1:
@@ -134,8 +137,11 @@ def attach_oracle(table: PaperTable | None, runs: pd.DataFrame) -> PaperTable | 
                 values[key + part].append(v if len(pooled) else np.nan)
         new.update(values)
     if partial:
-        note = " ".join(filter(None, [note, "Some rows over seeds have an oracle run for only part of their "
-                                            "seeds; their share of oracle covers those seeds alone."]))
+        seeds = ", ".join(f"({w}, {m})" for w, m in sorted(covered))
+        note = " ".join(filter(None, [note, f"The oracle ran on the checkpoint(s) of (world, model) seeds {seeds} "
+                                            "only: rows over more seeds take their share of oracle from those "
+                                            "seeds alone, and their paired difference from the oracle is left "
+                                            "blank."]))
     rows = pd.concat([rows.reset_index(drop=True), pd.DataFrame(new)], axis=1)
     return PaperTable(table.name, table.title, table.labels, columns, rows, note, table.superseded,
                       {**table.series, **series})

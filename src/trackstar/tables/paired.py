@@ -10,7 +10,9 @@ mean per-query difference (row minus reference) with a percentile-bootstrap
 interval over queries (the runs' own resamples and confidence, seed 0),
 computed from the ``per_query.csv`` each run record keeps. Queries are those
 the table's means are over (with a gold sentence, in the closed set), matched
-by ``example_id``.
+by ``example_id``. Two rows are compared only over the same (world, model) seeds:
+a row whose seeds differ from the reference's (Table 1's rows over three model
+seeds against the oracle's one) gets a blank there, never a mixed difference.
 """
 
 from __future__ import annotations
@@ -67,6 +69,14 @@ def worlds(row: pd.Series) -> frozenset:
     are positions in it)."""
     seeds = row.get("seed_worlds")
     return frozenset(seeds) if isinstance(seeds, tuple) else frozenset({str(row.get("world_seed"))})
+
+
+def checkpoints(row: pd.Series) -> frozenset:
+    """The (world seed, model seed) pairs behind a table row: two rows pair only over the same
+    ones (a row over three model seeds against the oracle's one seed would mix checkpoints)."""
+    models = row.get("seed_models") if isinstance(row.get("seed_models"), tuple) and row.get("seed_models") \
+        else (str(row.get("model_seed")),)
+    return frozenset((w, m) for w in worlds(row) for m in models)
 
 
 def row_frame(row: pd.Series) -> pd.DataFrame | None:
@@ -128,7 +138,8 @@ def paired_table(table: PaperTable) -> PaperTable | None:
                 else:
                     a, b = frames[r["run"]], frames[ref["run"]]
                     a, b = (a[c.key] if c.key in a else None), (b[c.key] if c.key in b else None)
-                if same or a is None or b is None or worlds(r) != worlds(ref) or len(worlds(r)) > 1:
+                if (same or a is None or b is None or worlds(r) != worlds(ref) or len(worlds(r)) > 1
+                        or checkpoints(r) != checkpoints(ref)):
                     stats_.append({"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0})
                 else:
                     stats_.append(paired_difference(a, b, float(r.get("confidence") or 0.95),
