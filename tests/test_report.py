@@ -42,6 +42,13 @@ def _data(path: Path) -> dict:
     return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
 
 
+def test_the_index_names_the_report_without_linking_it(report):
+    page, _ = report
+    index = (page.parent / "README.md").read_text()
+    size = f"{page.stat().st_size / 1e6:.1f} MB"
+    assert f"`report.html` ({size}," in index and "](report.html)" not in index  # ignored by git: no dead link
+
+
 def test_report_is_one_self_contained_page(report):
     path, results = report
     text = path.read_text()
