@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: The newest version of the scheme (the highest ``since`` in :data:`LATER`).
-IDENTITY_VERSION = 6
+IDENTITY_VERSION = 7
 
 
 def _templated_or_release(world: Mapping) -> bool:
@@ -80,6 +80,8 @@ LATER: tuple[Later, ...] = (
     # v6: world styles; only a generated natural world has a style and knobs in its identity.
     Later("run.world", "style", 6, omit=_templated_or_release),
     Later("run.world", "natural", 6, omit=_templated_or_release),
+    # v7: scoring a model whose main weights the sites leave out, when asked (off: refused).
+    Later("retriever.gradient", "allow_partial", 7, False),
 )
 
 

@@ -25,6 +25,7 @@ from ..io import ArtifactError, atomic_write_checked, config_hash, is_complete, 
 from .curvature import CurvatureCache, Whitening, auto_lambda, mix
 from .diagnostics import TRAIN_SAMPLE, curvature_diagnostic
 from .features import FeatureExtractor, extract_to_store
+from .coverage import check_coverage, coverage
 from .gradients import all_parameter_sites, block_linear_sites
 from ..lm.data import context_length
 from .output import Example, collate, query_example, training_example
@@ -114,6 +115,9 @@ class TrackStar:
         self.sites = (
             all_parameter_sites(model) if settings.params == "all" else block_linear_sites(model)
         )
+        #: Which weights the sites cover, by kind (recorded by every run; see .coverage).
+        self.coverage = coverage(model, [site.name for site in self.sites])
+        check_coverage(self.coverage, settings.allow_partial)
         self.projector = Projector(self.sites, settings.projection, settings.d, settings.seed, settings.split)
         self.limit = context_length(model)
         self.model_id, self.model_hash = model_fingerprint(model)

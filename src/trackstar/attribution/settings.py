@@ -50,6 +50,9 @@ class AttributionSettings:
         the checkpoint's optimizer would take on the training example (V on
         that side only, then the optimizer's per-matrix scaling and update
         clipping; :mod:`.optimizer_step`). Needs ``use_v``, no R, no unit norm.
+    allow_partial: score a model whose main weights (an MLP's or its experts'
+        matrices) the sites leave out; off, such a model is refused with the
+        weights named (:mod:`.coverage`). Every run records its coverage.
     k: number of proponents and opponents kept per query.
     scorer: ``stream`` multiplies streamed training chunks against all
         queries (exact, memory flat in N); ``faiss`` builds a FAISS
@@ -86,6 +89,7 @@ class AttributionSettings:
     scorer: Literal["stream", "faiss"] = "stream"
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     train_side: Literal["features", "optimizer_step"] = "features"
+    allow_partial: bool = False
 
     def __post_init__(self) -> None:
         choices = {

@@ -341,4 +341,8 @@ def _log_and_print(cfg: DictConfig, record: RunRecord, run_dir: Path, attempt: s
     headline = ("mrr", "recall@10", f"tail_patch@{max(cfg.eval.tail_patch_ks, default=10)}", "lds",
                 f"loo_drop@{cfg.counterfactual.k}")
     summary = ", ".join(f"{m}={record.metrics[m]['mean']:.3f}" for m in headline if m in record.metrics)
+    cover = (record.info or {}).get("coverage")
+    if cover:  # which weights the scores are over
+        summary += (f" (attributed: {cover['sites']} weight matrices, {cover['share']:.1%} of the parameters, "
+                    f"{cover['matrix_share']:.1%} of the matrices' parameters)")
     print(f"[{record.status}] {run_dir} {summary or record.error or ''}")

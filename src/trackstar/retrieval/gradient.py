@@ -117,12 +117,16 @@ class GradientRetriever(Retriever):
 
     def retrieve(self, task: RetrievalTask) -> tuple[list[dict], dict]:
         corpus = Corpus.from_world(task.world, task.corpus)
-        result = self._engine(task).attribute(
+        engine = self._engine(task)
+        result = engine.attribute(
             corpus.texts,
             _queries(task),
             train_ids=corpus.ids, shards=task.shards, diagnose=task.diagnose,
         )
-        info = {"lambda": result.lam, "lambda_default": DEFAULT_LAMBDA[task.corpus],
+        cover = dict(engine.coverage)
+        if len(cover["unattributed_main"]) > 20:  # the record names the first ones and counts them all
+            cover["unattributed_main"] = [*cover["unattributed_main"][:20], f"... {len(cover['unattributed_main'])} in all"]
+        info = {"coverage": cover, "lambda": result.lam, "lambda_default": DEFAULT_LAMBDA[task.corpus],
                 "v_source": result.v_source, "settings": self.settings,
                 "train_store": str(result.train_store), "query_store": str(result.query_store),
                 **({"curvature_diagnostic": result.curvature_diagnostic} if result.curvature_diagnostic else {})}
