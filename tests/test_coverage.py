@@ -50,15 +50,26 @@ def test_dense_models_attribute_every_block_matrix(build):
     assert sum(v["parameters"] for v in kinds.values()) == total
 
 
-def test_mixture_of_experts_is_refused_with_its_experts_named(tokenizer):
+def test_mixture_of_experts_is_attributed_expert_by_expert(tokenizer):
     model = _mixtral()
-    with pytest.raises(PartialCoverageError, match=r"experts: .* left out.*mlp\.experts\.gate_up_proj.*allow_partial"):
+    report = TrackStar(model, tokenizer, METHODS["trackstar"].replace(d=64)).coverage
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert report["by_kind"]["experts"] == {"parameters": experts, "attributed": experts}
+    assert report["by_kind"]["router"]["attributed"] == 0  # off by default
+    assert report["unattributed_main"] == [] and report["sites"] == 8 + 2 * 2 * 4  # attention + 2 per expert
+
+
+def test_experts_of_an_unknown_layout_are_refused_with_their_names(tokenizer):
+    model = _mixtral()
+    for layer in model.model.layers:  # a remote-code experts module: fused weights, no declared layout
+        del layer.mlp.experts.has_gate
+    with pytest.raises(PartialCoverageError, match=r"experts: .* left out.*mlp\.experts\.gate_up_proj.*"
+                                                   r"declared experts layout.*allow_partial"):
         TrackStar(model, tokenizer, METHODS["trackstar"].replace(d=64))
     engine = TrackStar(model, tokenizer, METHODS["trackstar"].replace(d=64, allow_partial=True))
     report = engine.coverage
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert report["by_kind"]["experts"] == {"parameters": experts, "attributed": 0}
-    assert report["by_kind"]["router"]["attributed"] == 0  # the router is not a linear layer here
     assert report["by_kind"]["attention"]["attributed"] == report["by_kind"]["attention"]["parameters"]
     assert report["attributed"] < report["parameters"] / 2  # most of the model is its experts
     assert len(report["unattributed_main"]) == 4  # gate_up_proj and down_proj of two layers

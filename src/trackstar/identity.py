@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: The newest version of the scheme (the highest ``since`` in :data:`LATER`).
-IDENTITY_VERSION = 7
+IDENTITY_VERSION = 8
 
 
 def _templated_or_release(world: Mapping) -> bool:
@@ -82,6 +82,8 @@ LATER: tuple[Later, ...] = (
     Later("run.world", "natural", 6, omit=_templated_or_release),
     # v7: scoring a model whose main weights the sites leave out, when asked (off: refused).
     Later("retriever.gradient", "allow_partial", 7, False),
+    # v8: a mixture-of-experts block's router weights among the sites, when asked (off: as before).
+    Later("retriever.gradient", "routers", 8, False),
 )
 
 

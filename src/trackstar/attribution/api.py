@@ -26,7 +26,7 @@ from .curvature import CurvatureCache, Whitening, auto_lambda, mix
 from .diagnostics import TRAIN_SAMPLE, curvature_diagnostic
 from .features import FeatureExtractor, extract_to_store
 from .coverage import check_coverage, coverage
-from .gradients import all_parameter_sites, block_linear_sites
+from .gradients import attribution_sites
 from ..lm.data import context_length
 from .output import Example, collate, query_example, training_example
 from .projection import Projector
@@ -112,9 +112,7 @@ class TrackStar:
             self._tmp = tempfile.TemporaryDirectory(prefix="trackstar-")
             work_dir = self._tmp.name
         self.work_dir = Path(work_dir)
-        self.sites = (
-            all_parameter_sites(model) if settings.params == "all" else block_linear_sites(model)
-        )
+        self.sites = attribution_sites(model, settings.params, settings.routers)
         #: Which weights the sites cover, by kind (recorded by every run; see .coverage).
         self.coverage = coverage(model, [site.name for site in self.sites])
         check_coverage(self.coverage, settings.allow_partial)

@@ -2,10 +2,10 @@
 
 The engine attributes the parameters of its sites (by default every linear
 layer inside the transformer blocks). On most causal LMs those are all the
-blocks' matrices; on others they are not: transformers keeps a
-mixture-of-experts block's experts as fused 3-D parameters, which no linear
-layer hook sees, so a Mixtral would be scored on its attention projections
-alone, with nothing to tell. :func:`coverage` counts, per kind of weight
+blocks' matrices, a mixture-of-experts block's fused expert matrices
+included (one site per expert, :mod:`.gradients`); a model with weights the
+hooks cannot reach (a remote-code experts module of unknown layout, say) would
+be scored on the rest with nothing to tell. :func:`coverage` counts, per kind of weight
 (attention, MLP, experts, router, embeddings, norms and biases, other), the
 parameters the sites attribute; :func:`check_coverage` refuses a model whose
 main weights (an MLP's or its experts' matrices) are left out, naming them,
@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import nn
+
+from .gradients import split_site_name
 
 KINDS = ("attention", "mlp", "experts", "router", "embeddings", "norm/bias", "other")
 #: Kinds whose matrices are a block's main weights: leaving them out is refused.
@@ -31,7 +33,7 @@ def _kind(name: str, param: nn.Parameter, module: nn.Module, parent: nn.Module |
     lowered = name.lower()
     if id(param) in embeddings or isinstance(module, nn.Embedding):
         return "embeddings"
-    if param.dim() < 2:
+    if param.dim() < 2 or lowered.endswith("bias"):  # an experts module's biases are (experts x out)
         return "norm/bias"
     if "router" in lowered or "router" in type(module).__name__.lower() or (
             lowered.endswith(".gate.weight") and parent is not None and hasattr(parent, "experts")):
@@ -52,7 +54,15 @@ def coverage(model: nn.Module, site_names: Sequence[str]) -> dict:
     embeddings = {id(p) for m in (model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None,
                                   model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
                   if m is not None for p in m.parameters()}
-    attributed = set(site_names)
+    # Elements attributed per parameter: a whole parameter, or an expert's slice of a fused one.
+    params = dict(model.named_parameters())
+    counts: dict[str, int] = {}
+    for site in site_names:
+        name, expert = split_site_name(site)
+        if expert is not None and name in params:
+            counts[name] = counts.get(name, 0) + params[name][0].numel()
+        elif site in params:
+            counts[site] = params[site].numel()
     by_kind = {k: {"parameters": 0, "attributed": 0} for k in KINDS}
     total = done = matrices = matrices_done = 0
     left_out = []
@@ -64,18 +74,19 @@ def coverage(model: nn.Module, site_names: Sequence[str]) -> dict:
         owner = name.rsplit(".", 1)[0] if "." in name else ""
         parent = modules.get(owner.rsplit(".", 1)[0]) if "." in owner else None
         kind = _kind(name, param, modules.get(owner, model), parent, embeddings)
-        n, hit = param.numel(), name in attributed
+        n = param.numel()
+        hit = min(counts.get(name, 0), n)
         by_kind[kind]["parameters"] += n
-        by_kind[kind]["attributed"] += n if hit else 0
+        by_kind[kind]["attributed"] += hit
         total += n
-        done += n if hit else 0
+        done += hit
         if param.dim() >= 2:
             matrices += n
-            matrices_done += n if hit else 0
-        if kind in MAIN_KINDS and param.dim() >= 2 and not hit:
+            matrices_done += hit
+        if kind in MAIN_KINDS and param.dim() >= 2 and hit < n:
             left_out.append(name)
     return {
-        "architecture": type(model).__name__, "sites": len(attributed), "parameters": total, "attributed": done,
+        "architecture": type(model).__name__, "sites": len(set(site_names)), "parameters": total, "attributed": done,
         "share": done / total if total else 0.0,
         "matrix_parameters": matrices, "matrix_share": matrices_done / matrices if matrices else 0.0,
         "by_kind": {k: v for k, v in by_kind.items() if v["parameters"]},
@@ -97,7 +108,8 @@ def check_coverage(report: dict, allow_partial: bool) -> None:
         f"{report['architecture']}: attribution would cover {report['attributed']:,} of its {report['parameters']:,} "
         f"parameters ({report['share']:.1%}) and leave out {len(missing)} main weight(s) ({what}), e.g. "
         f"{', '.join(missing[:3])}. Scores over such a partial set look normal but are not the model's."
-        + (" Its experts are fused 3-D parameters, which no linear-layer site covers (not supported yet)."
-           if fused else " Attribute every parameter with params='all'.")
+        + (" Its experts are fused parameters of a module without transformers' declared experts layout "
+           "(@use_experts_implementation: num_experts, has_gate, is_transposed), which attribution cannot compute "
+           "expert by expert." if fused else " Attribute every parameter with params='all'.")
         + " To score the partial set anyway, say so: allow_partial=True (Hydra: +method.options.allow_partial=true)."
     )

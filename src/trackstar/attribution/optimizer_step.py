@@ -79,12 +79,17 @@ def optimizer_step(model: torch.nn.Module, optimizer, sites: Sequence[Site], lea
     params = dict(model.named_parameters())
     layers, kinds = [], set()
     for site in sites:
-        state, group = named.get(site.name, ({}, {}))
+        state, group = named.get(site.parameter, ({}, {}))
         if not state:
             raise SecondMomentError(f"The optimizer has no state for parameter {site.name}; it cannot predict its step.")
         kind = _kind(state, group)
+        if site.expert is not None and kind != "adam":
+            raise SecondMomentError(
+                f"train_side='optimizer_step' cannot predict {kind}'s step of the expert matrix {site.name}: "
+                f"Adafactor scales and clips the update of the whole fused parameter {site.parameter}, all experts "
+                "together, which no per-expert site sees. Use the default train_side='features' for this model.")
         lr = group.get("lr") if learning_rate is None else learning_rate
-        param = params[site.name]
+        param = site.of(params[site.parameter])
         if lr is None and not (kind == "hf_adafactor" and group.get("relative_step")):
             raise SecondMomentError(f"No learning rate for {site.name}: give learning_rate (the rate tail-patch steps with).")
         if kind == "torch_adafactor":

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..device import float64_device, model_device
 from ..lm.external_optimizer import OptimizerStateError, state_kind
-from .gradients import Site, eval_mode, frozen_parameters
+from .gradients import Site, eval_mode, frozen_parameters, site_tensors
 from .output import Batch, forward_objective
 
 
@@ -122,6 +122,15 @@ def _named_states(model: nn.Module, optimizer) -> dict[str, tuple[dict, dict]]:
         f"Cannot read optimizer state from a {type(optimizer).__name__}; pass a "
         "torch.optim.Optimizer or its state_dict()."
     )
+
+
+def site_state(site: Site, state: dict) -> dict:
+    """A parameter's optimizer state as it bears on ``site``: an expert's slice of a fused
+    experts parameter's state (every per-element or factored statistic has the experts first;
+    scalars such as the step count are shared)."""
+    if site.expert is None:
+        return state
+    return {k: v[site.expert] if torch.is_tensor(v) and v.dim() >= 1 else v for k, v in state.items()}
 
 
 def _oriented(t: torch.Tensor, site: Site) -> torch.Tensor:
@@ -221,20 +230,21 @@ def second_moment_from_optimizer(
     params = dict(model.named_parameters())
     layers, kinds = {}, set()
     for site in sites:
-        if site.name not in named or not named[site.name][0]:
+        if site.parameter not in named or not named[site.parameter][0]:
             raise SecondMomentError(
-                f"The optimizer has no state for parameter {site.name}: it was built on "
+                f"The optimizer has no state for parameter {site.parameter}: it was built on "
                 "another model or never stepped. Pass the optimizer saved with this "
                 "checkpoint, or use_v=False / omit it to estimate V."
             )
-        state, group = named[site.name]
+        state, group = named[site.parameter]
         kind = _kind(state, group)
+        state, param = site_state(site, state), site.of(params[site.parameter])
         if kind == "torch_adafactor":
-            layers[site.name] = _torch_adafactor(site, state, group, params[site.name])
+            layers[site.name] = _torch_adafactor(site, state, group, param)
         elif kind == "hf_adafactor":
-            layers[site.name] = _hf_adafactor(site, state, params[site.name])
+            layers[site.name] = _hf_adafactor(site, state, param)
         elif kind == "adam":
-            layers[site.name] = _adam(site, state, group, params[site.name], adam_mode)
+            layers[site.name] = _adam(site, state, group, param, adam_mode)
         else:
             raise SecondMomentError(
                 f"Unrecognized optimizer state for parameter {site.name} (keys "
@@ -268,8 +278,7 @@ def estimate_second_moment(
     Warns loudly: attribution quality depends on V, and an estimate from a
     few batches is not the optimizer's statistic.
     """
-    params = dict(model.named_parameters())
-    chosen = [params[s.name] for s in sites]
+    chosen, which = site_tensors(dict(model.named_parameters()), sites)
     device = model_device(model)
     sums = [torch.zeros(s.shape, dtype=torch.float64, device=float64_device(device)) for s in sites]
     count = 0
@@ -280,9 +289,9 @@ def estimate_second_moment(
             batch = batch.to(device)
             value = forward_objective(model, batch) / len(batch.examples)
             grads = torch.autograd.grad(value, chosen, allow_unused=True)
-            for acc, s, g in zip(sums, sites, grads):
-                if g is not None:
-                    acc += (_oriented(g, s) ** 2).to(acc.device)
+            for acc, s, k in zip(sums, sites, which):
+                if grads[k] is not None:
+                    acc += (_oriented(s.of(grads[k]), s) ** 2).to(acc.device)
             count += 1
     if count == 0:
         raise SecondMomentError("Cannot estimate V from zero batches; give training texts.")

@@ -53,6 +53,12 @@ class AttributionSettings:
     allow_partial: score a model whose main weights (an MLP's or its experts'
         matrices) the sites leave out; off, such a model is refused with the
         weights named (:mod:`.coverage`). Every run records its coverage.
+    routers: attribute a mixture-of-experts block's router weight too
+        (``params: default``). Off by default: the paper's parameter set is the
+        blocks' projection matrices, a router is a sliver of the parameters
+        (num_experts × hidden per layer), and its gradient reaches the loss only
+        through the mixing weights of the experts it chose, not through the
+        choice itself.
     k: number of proponents and opponents kept per query.
     scorer: ``stream`` multiplies streamed training chunks against all
         queries (exact, memory flat in N); ``faiss`` builds a FAISS
@@ -90,6 +96,7 @@ class AttributionSettings:
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     train_side: Literal["features", "optimizer_step"] = "features"
     allow_partial: bool = False
+    routers: bool = False
 
     def __post_init__(self) -> None:
         choices = {

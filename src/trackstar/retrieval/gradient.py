@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..attribution.api import TrackStar
-from ..attribution.gradients import all_parameter_sites, block_linear_sites
+from ..attribution.gradients import attribution_sites
 from ..attribution.methods import METHODS, method_settings
 from ..attribution.projection import Projector
 from ..attribution.settings import AttributionSettings
@@ -74,7 +74,7 @@ class GradientRetriever(Retriever):
     def check_model(self, model) -> None:
         """Refuse settings the model's shape cannot take (the split of d), before any work."""
         s = self.attribution
-        sites = all_parameter_sites(model) if s.params == "all" else block_linear_sites(model)
+        sites = attribution_sites(model, s.params, s.routers)
         try:
             Projector(sites, s.projection, s.d, s.seed, s.split)
         except ValueError as exc:
