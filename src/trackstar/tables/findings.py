@@ -230,6 +230,17 @@ def scale_claim(runs: pd.DataFrame) -> list[Finding]:
                                                     "(figure2_scale runs)"])]
 
 
+def _gaps(paired: dict[str, PaperTable], table: str, rows: list[str], reference: str, label: str,
+          unit: str = "") -> list[str]:
+    """Each row's paired tail-patch@10 difference from the ``reference`` row, as evidence lines."""
+    lines = []
+    for row in rows:
+        cell = _cell(paired, Comparison(table, row, reference, "tail_patch@10", 1))
+        if cell is not None:
+            lines.append(f"{table}: {row} − {label}, tail_patch@10: {cell[0]:+.3f} [{cell[1]:+.3f}, {cell[2]:+.3f}]{unit}")
+    return lines
+
+
 def first_order_reference(paired: dict[str, PaperTable]) -> Finding:
     """Each method's tail-patch@10 against the first-order prediction of tail-patch itself:
     how much of it a one-step proxy of the optimizer's geometry already reaches."""
@@ -237,10 +248,7 @@ def first_order_reference(paired: dict[str, PaperTable]) -> Finding:
              "gradient against the optimizer's own step on each passage): not a claim, the yardstick")
     evidence = []
     for table in ("table1", "table2"):
-        for r in _methods(paired, table):
-            cell = _cell(paired, Comparison(table, r, "First-order", "tail_patch@10", 1))
-            if cell is not None:
-                evidence.append(f"{table}: {r} − first-order, tail_patch@10: {cell[0]:+.3f} [{cell[1]:+.3f}, {cell[2]:+.3f}]")
+        evidence += _gaps(paired, table, _methods(paired, table), "First-order", "first-order")
     if not evidence:
         return Finding(claim, UNCHECKED, ["needs the first_order row in the table1 or table2 sweep"])
     return Finding(claim, REFERENCE, evidence)
@@ -260,12 +268,8 @@ def oracle_reference(paired: dict[str, PaperTable], runs: pd.DataFrame) -> Findi
             parts = [f"{m} {r[m]:.3f} [{r.get(f'{m}/ci_low', float('nan')):.3f}, {r.get(f'{m}/ci_high', float('nan')):.3f}]"
                      for m in ("mrr", "recall@10", "tail_patch@10") if m in r and pd.notna(r[m])]
             evidence.append(f"{table}: the oracle's {'; '.join(parts)} ({r['corpus']} set, model seed {r.get('model_seed')})")
-        for row in _rows(paired, table):
-            if row.startswith(ORACLE_ROW):
-                continue
-            cell = _cell(paired, Comparison(table, row, "Oracle", "tail_patch@10", 1))
-            if cell is not None:
-                evidence.append(f"{table}: {row} − oracle, tail_patch@10: {cell[0]:+.3f} [{cell[1]:+.3f}, {cell[2]:+.3f}] pp")
+        rows = [row for row in _rows(paired, table) if not row.startswith(ORACLE_ROW)]
+        evidence += _gaps(paired, table, rows, "Oracle", "oracle", unit=" pp")
     if not evidence:
         return Finding(claim, UNCHECKED, ["needs the oracle sweep (trackstar quick --tables oracle)"])
     return Finding(claim, REFERENCE, evidence)
