@@ -113,9 +113,9 @@ def ref_token_values(logits, labels, output_fn):
     return -logits.double().gather(-1, labels[:, None])[:, 0]
 
 
-def ref_gradient(model, tokenizer, names, text=None, prompt=None, target=None,
-                 output_fn="loss", reduction="mean"):
-    """Flat O×I row-major gradient of one example, plain autograd, no padding."""
+def ref_objective(model, tokenizer, text=None, prompt=None, target=None, output_fn="loss", reduction="mean"):
+    """One example's f by a plain forward, no padding: a passage's mean loss, or a query's
+    output function over its target tokens."""
     bos = [tokenizer.bos_token_id]
     if text is not None:
         ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -126,10 +126,16 @@ def ref_gradient(model, tokenizer, names, text=None, prompt=None, target=None,
         t = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
         ids, first_target = p + t, len(p)
     ids = torch.tensor([ids])
-    params = dict(model.named_parameters())
     logits = model(input_ids=ids).logits[0]
     values = ref_token_values(logits[first_target - 1:-1], ids[0, first_target:], output_fn)
-    f = values.mean() if reduction == "mean" else values.sum()
+    return values.mean() if reduction == "mean" else values.sum()
+
+
+def ref_gradient(model, tokenizer, names, text=None, prompt=None, target=None,
+                 output_fn="loss", reduction="mean"):
+    """Flat O×I row-major gradient of one example, plain autograd, no padding."""
+    params = dict(model.named_parameters())
+    f = ref_objective(model, tokenizer, text, prompt, target, output_fn, reduction)
     grads = torch.autograd.grad(f, [params[n] for n in names], allow_unused=True)
     conv = ref_conv_names(model)
     flat = []

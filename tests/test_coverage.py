@@ -89,3 +89,31 @@ def test_a_run_records_and_prints_its_coverage(tmp_path, capsys):
     summary = wandb_summary(record)
     assert summary["coverage/share"] == cover["share"] and summary["coverage/sites"] == 8
     assert f"{cover['share']:.1%} of the parameters" in capsys.readouterr().out
+
+
+def test_weights_the_forward_never_uses_are_dropped_and_listed(tokenizer):
+    """A decoder's cross-attention with no encoder, say: a module that never runs has zero gradient."""
+    model = _llama()
+    for layer in model.model.layers:
+        layer.self_attn.cross = torch.nn.Linear(16, 16, bias=False)  # never called
+    engine = TrackStar(model, tokenizer, METHODS["trackstar"].replace(d=64))
+    idle = [f"model.layers.{i}.self_attn.cross.weight" for i in range(2)]
+    assert engine.coverage["unused"] == idle and not {s.name for s in engine.sites} & set(idle)
+    assert engine.coverage["unattributed_main"] == []
+    assert len(engine.attribute(["the capital of france is paris"] * 3, [("the capital of", "paris")]).proponent_ids[0]) == 3
+
+
+def test_a_weight_read_outside_its_module_is_refused_by_name(tokenizer):
+    """Mamba's dt_proj, say: the module never runs, its weight is read directly."""
+    from trackstar.attribution.gradients import AttributionError
+
+    model = _llama()
+    mlp = model.model.layers[0].mlp
+    mlp.direct = torch.nn.Linear(16, 16, bias=False)
+    original = mlp.forward
+    mlp.forward = lambda x: original(x) + torch.nn.functional.linear(x, mlp.direct.weight)
+    engine = TrackStar(model, tokenizer, METHODS["trackstar"].replace(d=64))
+    assert "model.layers.0.mlp.direct.weight" in {s.name for s in engine.sites} and engine.coverage["unused"] == []
+    with pytest.raises(AttributionError, match=r"mlp\.direct\.weight: its module did not run.*read outside the "
+                                               r"module's forward.*params='all'"):
+        engine.attribute(["the capital of france is paris"] * 2, [("the capital of", "paris")])

@@ -34,7 +34,7 @@ from trackstar.attribution.gradients import AttributionError, all_parameter_site
 from trackstar.attribution.output import query_example, training_example
 from trackstar.attribution.second_moment import second_moment_from_optimizer
 
-from test_attribution import QUERIES, TRAIN, WORDS, lib_features, ref_token_values, train_adafactor
+from test_attribution import QUERIES, TRAIN, WORDS, lib_features, ref_objective, train_adafactor
 
 COMMON = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
               vocab_size=len(WORDS), max_position_embeddings=64, bos_token_id=1, eos_token_id=len(WORDS) - 1)
@@ -81,17 +81,8 @@ def ref_names(model, routers=False):
 def ref_gradients(model, tokenizer, names, text=None, prompt=None, target=None):
     """One example's gradient by plain autograd, as {name: O×I matrix}; experts sliced per expert
     and oriented out×in (GPT-OSS stores them in×out)."""
-    bos = [tokenizer.bos_token_id]
-    if text is not None:
-        ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        first = 1
-    else:
-        p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids, first = p + tokenizer(" " + target, add_special_tokens=False)["input_ids"], len(p)
-    ids = torch.tensor([ids])
     params = dict(model.named_parameters())
-    logits = model(input_ids=ids).logits[0]
-    f = ref_token_values(logits[first - 1:-1], ids[0, first:], "loss").mean()
+    f = ref_objective(model, tokenizer, text, prompt, target)
     grads = torch.autograd.grad(f, [params[n] for n in names], allow_unused=True)
     transposed = type(model).__name__.startswith("GptOss")
     out = {}

@@ -84,6 +84,8 @@ LATER: tuple[Later, ...] = (
     Later("retriever.gradient", "allow_partial", 7, False),
     # v8: a mixture-of-experts block's router weights among the sites, when asked (off: as before).
     Later("retriever.gradient", "routers", 8, False),
+    # v8: a PEFT adapter on a Hugging Face base model.
+    Later("run.model", "adapter", 8, None),
 )
 
 

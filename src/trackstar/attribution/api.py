@@ -112,9 +112,10 @@ class TrackStar:
             self._tmp = tempfile.TemporaryDirectory(prefix="trackstar-")
             work_dir = self._tmp.name
         self.work_dir = Path(work_dir)
-        self.sites = attribution_sites(model, settings.params, settings.routers)
+        unused: list[str] = []
+        self.sites = attribution_sites(model, settings.params, settings.routers, unused)
         #: Which weights the sites cover, by kind (recorded by every run; see .coverage).
-        self.coverage = coverage(model, [site.name for site in self.sites])
+        self.coverage = coverage(model, [site.name for site in self.sites], unused)
         check_coverage(self.coverage, settings.allow_partial)
         self.projector = Projector(self.sites, settings.projection, settings.d, settings.seed, settings.split)
         self.limit = context_length(model)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .gradients import split_site_name
+from .gradients import adapter_parameters, split_site_name
 
 KINDS = ("attention", "mlp", "experts", "router", "embeddings", "norm/bias", "other")
 #: Kinds whose matrices are a block's main weights: leaving them out is refused.
@@ -47,13 +47,17 @@ def _kind(name: str, param: nn.Parameter, module: nn.Module, parent: nn.Module |
     return "other"
 
 
-def coverage(model: nn.Module, site_names: Sequence[str]) -> dict:
+def coverage(model: nn.Module, site_names: Sequence[str], unused: Sequence[str] = ()) -> dict:
     """What the sites attribute: parameter counts and shares overall, of matrices, and by kind,
-    and the main weights left out (``unattributed_main``: parameter names)."""
+    and the main weights left out (``unattributed_main``: parameter names). ``unused``: weights
+    the forward pass does not use (zero gradient), listed and never counted as left out."""
     modules = dict(model.named_modules())
     embeddings = {id(p) for m in (model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None,
                                   model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
                   if m is not None for p in m.parameters()}
+    # A PEFT model's attribution is over its adapter: the scope is the adapter's parameters.
+    adapter = adapter_parameters(model)
+    scope = None if adapter is None else set(adapter)
     # Elements attributed per parameter: a whole parameter, or an expert's slice of a fused one.
     params = dict(model.named_parameters())
     counts: dict[str, int] = {}
@@ -68,7 +72,7 @@ def coverage(model: nn.Module, site_names: Sequence[str]) -> dict:
     left_out = []
     seen: set[int] = set()
     for name, param in model.named_parameters():
-        if id(param) in seen:  # tied weights count once
+        if id(param) in seen or (scope is not None and name not in scope):  # tied weights count once
             continue
         seen.add(id(param))
         owner = name.rsplit(".", 1)[0] if "." in name else ""
@@ -83,14 +87,16 @@ def coverage(model: nn.Module, site_names: Sequence[str]) -> dict:
         if param.dim() >= 2:
             matrices += n
             matrices_done += hit
-        if kind in MAIN_KINDS and param.dim() >= 2 and hit < n:
-            left_out.append(name)
+        if hit < n and name not in unused and (scope is not None or (kind in MAIN_KINDS and param.dim() >= 2)):
+            left_out.append(name)  # every adapter weight is a main weight: it is what was trained
     return {
-        "architecture": type(model).__name__, "sites": len(set(site_names)), "parameters": total, "attributed": done,
+        "architecture": type(model).__name__, "scope": "model" if scope is None else "adapter",
+        "sites": len(set(site_names)), "parameters": total, "attributed": done,
         "share": done / total if total else 0.0,
         "matrix_parameters": matrices, "matrix_share": matrices_done / matrices if matrices else 0.0,
         "by_kind": {k: v for k, v in by_kind.items() if v["parameters"]},
         "unattributed_main": left_out,
+        "unused": list(unused),
     }
 
 
@@ -104,6 +110,11 @@ def check_coverage(report: dict, allow_partial: bool) -> None:
     what = "; ".join(f"{k}: {v['parameters'] - v['attributed']:,} of {v['parameters']:,} parameters left out"
                      for k, v in kinds.items())
     fused = [n for n in missing if "expert" in n.lower()]
+    if report.get("scope") == "adapter":
+        raise PartialCoverageError(
+            f"{report['architecture']}: attribution would leave out {len(missing)} of the adapter's weights "
+            f"(e.g. {', '.join(missing[:3])}), which are not linear layers the hook path differentiates. Attribute "
+            "the adapter by plain autograd (params='all'), or score the partial set with allow_partial=True.")
     raise PartialCoverageError(
         f"{report['architecture']}: attribution would cover {report['attributed']:,} of its {report['parameters']:,} "
         f"parameters ({report['share']:.1%}) and leave out {len(missing)} main weight(s) ({what}), e.g. "

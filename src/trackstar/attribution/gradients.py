@@ -158,9 +158,111 @@ def block_linear_sites(model: nn.Module, routers: bool = False) -> list[Site]:
     return sites
 
 
-def attribution_sites(model: nn.Module, params: str = "default", routers: bool = False) -> list[Site]:
-    """The sites a setting attributes: ``params='all'`` every parameter, else the blocks' matrices."""
-    return all_parameter_sites(model) if params == "all" else block_linear_sites(model, routers)
+def adapter_parameters(model: nn.Module) -> list[str] | None:
+    """The parameters of a PEFT model's active adapters, in model order (None: not a PEFT model).
+
+    An adapter's weights are what fine-tuning trained, so they are what attribution
+    differentiates: LoRA's ``lora_A``/``lora_B`` (and any other tuner's adapter layers)
+    and the trainable copies of ``modules_to_save``. A LoRA variant that uses the adapter
+    weights outside their modules' forward (DoRA's weight norm) and prompt learning are
+    refused on the hook path; ``params='all'`` attributes them by plain autograd.
+    """
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    active = model.active_adapters if hasattr(model, "active_adapters") else [model.active_adapter]
+    wanted: set[str] = set()
+    for mname, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for attr in module.adapter_layer_names:
+                holder = getattr(module, attr, None)
+                for key in module.active_adapters if holder is not None else ():
+                    if key in holder:
+                        prefix = f"{mname}.{attr}.{key}"
+                        item = holder[key]
+                        wanted.update([prefix] if isinstance(item, nn.Parameter)
+                                      else (f"{prefix}.{n}" for n, _ in item.named_parameters()))
+    names = [n for n, _ in model.named_parameters()
+             if n in wanted or any(f".modules_to_save.{key}." in n for key in active)]
+    if not names:
+        kind = next(iter(model.peft_config.values())).peft_type
+        raise ValueError(
+            f"{type(model).__name__} holds a {kind} adapter with no adapter layer attribution can differentiate "
+            "(prompt learning keeps its weights in a prompt encoder outside the model's layers). Merge the adapter "
+            "into the model (merge_and_unload()) and attribute the merged model instead.")
+    return names
+
+
+def adapter_sites(model: nn.Module, names: list[str]) -> list[Site]:
+    """The linear layers among a PEFT model's adapter parameters (LoRA's A and B matrices)."""
+    variants = [n for n, m in model.named_modules() if getattr(m, "lora_variant", None)]
+    if variants:
+        raise ValueError(
+            f"{variants[0]} uses a LoRA variant (e.g. DoRA) that reads its adapter weights outside the adapter's "
+            "linear layers, so the hook path would miss part of their gradient. Attribute the adapter by plain "
+            "autograd: params='all'.")
+    wanted = set(names)
+    sites = []
+    for name, module in model.named_modules():
+        full = f"{name}.weight"
+        if isinstance(module, nn.Linear) and full in wanted:
+            sites.append(Site(full, module.out_features, module.in_features, False))
+        elif isinstance(module, Conv1D) and full in wanted:
+            sites.append(Site(full, module.weight.shape[1], module.weight.shape[0], True))
+    return sites
+
+
+def attribution_sites(model: nn.Module, params: str = "default", routers: bool = False,
+                      unused: list[str] | None = None) -> list[Site]:
+    """The sites a setting attributes: ``params='all'`` every parameter, else the blocks' matrices
+    that the forward pass uses (the others' names are appended to ``unused``); a PEFT model's
+    adapter alone."""
+    adapter = adapter_parameters(model)
+    if adapter is not None:
+        if params == "all":
+            return [s for s in all_parameter_sites(model) if s.parameter in set(adapter)]
+        return adapter_sites(model, adapter)
+    if params == "all":
+        return all_parameter_sites(model)
+    sites = block_linear_sites(model, routers)
+    dropped = unused_sites(model, sites)
+    if unused is not None:
+        unused += dropped
+    return [s for s in sites if s.name not in dropped]
+
+
+def unused_sites(model: nn.Module, sites: list[Site]) -> list[str]:
+    """The sites whose weights the forward pass does not use at all (a causal-LM decoder's
+    cross-attention with no encoder, say): their gradient is zero for every input.
+
+    Found by one forward pass over a few tokens: a site whose module did not run and whose
+    weight autograd finds no path to is unused. A module that did not run but whose weight
+    is used (read outside the module's forward) is kept: extraction refuses it by name. If
+    the probe itself fails, nothing is dropped (extraction reports the failure in context).
+    """
+    modules = site_modules(model, sites)
+    plain = [s for s in sites if s.expert is None]
+    ran: set[str] = set()
+    handles = [modules[s.name].register_forward_hook(lambda m, i, o, name=s.name: ran.add(name)) for s in plain]
+    params = dict(model.named_parameters())
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) or 2
+    ids = (torch.arange(1, 9) % vocab)[None].to(next(model.parameters()).device)
+    try:
+        with eval_mode(model), frozen_parameters(model, trainable=[params[s.name] for s in plain]), \
+                torch.enable_grad():
+            logits = model(input_ids=ids).logits
+            idle = [s.name for s in plain if s.name not in ran]
+            if not idle:
+                return []
+            grads = torch.autograd.grad(logits.float().sum(), [params[n] for n in idle], allow_unused=True)
+    except Exception:  # noqa: BLE001 - a probe; extraction reports any real failure with its context
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    return [name for name, g in zip(idle, grads) if g is None]
 
 
 def all_parameter_sites(model: nn.Module) -> list[Site]:
@@ -326,6 +428,9 @@ def _experts_computed_per_expert(model: nn.Module, sites: list[Site], capture: C
         if s.expert is not None:
             owner, pname = s.parameter.rsplit(".", 1)
             groups.setdefault(owner, {})[(pname, s.expert)] = s.name
+    if not groups:
+        yield
+        return
     modules = dict(model.named_modules())
     patched = []
     try:
@@ -427,8 +532,9 @@ def layer_factors(
 
     def embed_hook(module, inputs, output):
         # The weights are frozen, so something must require grad for backward
-        # to run; the embedding output is the earliest such tensor.
-        return output.detach().requires_grad_(True)
+        # to run; the embedding output is the earliest such tensor. Not a leaf
+        # itself: some models scale it in place (CTRL), which a leaf forbids.
+        return output.detach().requires_grad_(True).clone()
 
     def grad_hook(name):
         def hook(grad):
@@ -463,8 +569,9 @@ def layer_factors(
                   (s.name not in outputs or not outputs[s.name].requires_grad)]
         if unused:
             raise AttributionError(
-                f"No output gradient reaches {unused[0]}: the layer is unused by the "
-                "forward pass. Exclude it from the parameter set."
+                f"No output gradient reaches {unused[0]}: its module did not run in the forward pass, "
+                "yet the model uses its weight (read outside the module's forward, as Mamba's dt_proj is), "
+                "so no hook sees its gradient. Attribute by plain autograd (params='all')."
             )
         changed = [name for name, out in outputs.items() if out._version != versions[name]]
         if changed:

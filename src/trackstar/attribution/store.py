@@ -72,7 +72,7 @@ def model_fingerprint(model: torch.nn.Module) -> tuple[str, str]:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return type(model).__name__, h.hexdigest()
 
 

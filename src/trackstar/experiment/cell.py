@@ -122,7 +122,8 @@ def foreign_model(model_cfg, checkpoint) -> dict:
             "parameters": sum(p.numel() for p in checkpoint.model.parameters()), "size": None, "seed": None,
             "optimizer": checkpoint.trainer_state.get("optimizer"), "optimizer_state": model_cfg.optimizer_state,
             "learning_rate": checkpoint.learning_rate, "checkpoint": None, "checkpoint_fractions": None,
-            "epochs": None}
+            "epochs": None, "adapter": model_cfg.get("adapter"),
+            "adapter_parameters": checkpoint.trainer_state.get("adapter_parameters")}
 
 
 def retrieval_step(cell: CellState) -> None:
@@ -343,6 +344,7 @@ def _log_and_print(cfg: DictConfig, record: RunRecord, run_dir: Path, attempt: s
     summary = ", ".join(f"{m}={record.metrics[m]['mean']:.3f}" for m in headline if m in record.metrics)
     cover = (record.info or {}).get("coverage")
     if cover:  # which weights the scores are over
-        summary += (f" (attributed: {cover['sites']} weight matrices, {cover['share']:.1%} of the parameters, "
-                    f"{cover['matrix_share']:.1%} of the matrices' parameters)")
+        of = "the adapter's" if cover.get("scope") == "adapter" else "the"
+        summary += (f" (attributed: {cover['sites']} weight matrices, {cover['share']:.1%} of {of} parameters, "
+                    f"{cover['matrix_share']:.1%} of {of} matrices' parameters)")
     print(f"[{record.status}] {run_dir} {summary or record.error or ''}")

@@ -59,6 +59,10 @@ class ModelConf:
     optimizer_state: Optional[str] = None
     #: The learning rate tail-patch steps with (null: the state's own lr).
     learning_rate: Optional[float] = None
+    #: With hf_name_or_path: a PEFT adapter directory (save_pretrained's, e.g. LoRA) on
+    #: that base model. Attribution is then over the adapter's weights; optimizer_state,
+    #: if given, is the adapter's optimizer (the trainable parameters' state).
+    adapter: Optional[str] = None
 
 
 @dataclass

@@ -94,7 +94,11 @@ def model_stage(cfg: DictConfig, artifacts: Path, world_path: Path, device):
     """(checkpoint on ``device``, its directory or None for a Hugging Face model, its id),
     pretraining our own model first if it is not there yet."""
     if cfg.model.hf_name_or_path:
-        checkpoint, ident = load_hf_causal_lm(cfg.model.hf_name_or_path, device=device), f"hf:{cfg.model.hf_name_or_path}"
+        adapter = cfg.model.get("adapter")
+        checkpoint = load_hf_causal_lm(cfg.model.hf_name_or_path, device=device, adapter=adapter)
+        ident = f"hf:{cfg.model.hf_name_or_path}"
+        if adapter:
+            ident += f"+adapter-{checkpoint.trainer_state['adapter_hash']}"
         if cfg.model.optimizer_state:
             state = Path(cfg.model.optimizer_state).expanduser()
             attach_optimizer_state(checkpoint, state, cfg.model.learning_rate)

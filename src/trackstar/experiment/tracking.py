@@ -31,7 +31,8 @@ TOP_IN_TABLE = 3
 def wandb_summary(record: RunRecord) -> dict:
     """The W&B summary: the record's flat metrics, its timings as ``time/…``, its status."""
     cover = (record.info or {}).get("coverage") or {}
-    coverage = {f"coverage/{k}": cover[k] for k in ("sites", "attributed", "share", "matrix_share") if k in cover}
+    coverage = {f"coverage/{k}": cover[k] for k in ("scope", "sites", "attributed", "share", "matrix_share")
+                if k in cover}
     return {**record.flat_metrics(), **{f"time/{k}": v for k, v in record.timings.items()}, **coverage,
             "status": record.status}
 

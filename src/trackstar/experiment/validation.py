@@ -86,6 +86,14 @@ def _check_model(model_cfg) -> None:
                 f"{list(model_cfg.checkpoint_fractions)}; add it there or pick one of them."
             )
     _check_optimizer_state(model_cfg)
+    adapter = model_cfg.get("adapter")
+    if adapter is not None:
+        if not model_cfg.hf_name_or_path:
+            raise ValueError("model.adapter is a PEFT adapter for a Hugging Face base model: give "
+                             "model.hf_name_or_path too (our own models take no adapter).")
+        if not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+            raise ValueError(f"model.adapter={adapter!r} has no adapter_config.json; give the directory the "
+                             "adapter was saved to (PeftModel.save_pretrained).")
 
 
 def _check_optimizer_state(model_cfg) -> None:

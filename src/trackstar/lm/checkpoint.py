@@ -16,6 +16,7 @@ A checkpoint directory holds
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -208,10 +209,12 @@ def load_rng_state(path: str | os.PathLike) -> dict:
 
 
 def load_hf_causal_lm(name_or_path: str | os.PathLike, device: str | torch.device | None = None,
-                      **from_pretrained_kwargs) -> Checkpoint:
+                      adapter: str | os.PathLike | None = None, **from_pretrained_kwargs) -> Checkpoint:
     """Any HF causal LM and its tokenizer, by hub name or local path (no optimizer state).
 
-    ``device`` places the model there (None: the CPU). Keyword arguments go to
+    ``device`` places the model there (None: the CPU). ``adapter``: a PEFT adapter
+    directory (``save_pretrained``'s) loaded on top, trainable, so attribution is over
+    the adapter's weights (needs the ``peft`` extra). Keyword arguments go to
     both ``from_pretrained`` calls (e.g. ``local_files_only=True``,
     ``revision=...``, ``torch_dtype=torch.bfloat16``).
     """
@@ -223,8 +226,35 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike, device: str | torch.devic
             f"could not load a causal LM from {str(name_or_path)!r} ({exc}). Pass a local "
             "directory written by save_pretrained, or a hub name with network access."
         ) from exc
+    state = {"source": str(name_or_path)}
+    if adapter is not None:
+        model, state["adapter_hash"], state["adapter_parameters"] = _load_adapter(model, adapter)
     model.eval()
     if device is not None:
         model.to(resolve_device(device))
     path = Path(name_or_path) if Path(name_or_path).exists() else None
-    return Checkpoint(model, tokenizer, path=path, trainer_state={"source": str(name_or_path)})
+    return Checkpoint(model, tokenizer, path=path, trainer_state=state)
+
+
+def _load_adapter(model, adapter: str | os.PathLike):
+    """(the PEFT model of ``model`` with the adapter in ``adapter``, trainable; a hash of the
+    adapter's files; the number of its trainable parameters)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ArtifactError(f"model.adapter={str(adapter)!r} needs peft: pip install 'trackstar[peft]'.") from None
+    directory = Path(adapter).expanduser()
+    if not (directory / "adapter_config.json").is_file():
+        raise ArtifactError(f"model.adapter={str(adapter)!r} has no adapter_config.json; give the directory "
+                            "the adapter was saved to (PeftModel.save_pretrained).")
+    try:
+        model = PeftModel.from_pretrained(model, directory, is_trainable=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ArtifactError(f"model.adapter={str(adapter)!r} could not be loaded on this base model "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); was it trained on it?") from None
+    digest = hashlib.sha256()
+    for file in sorted(directory.iterdir()):
+        if file.is_file() and file.name.startswith("adapter_"):
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return model, digest.hexdigest()[:12], sum(p.numel() for p in model.parameters() if p.requires_grad)

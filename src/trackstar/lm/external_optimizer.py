@@ -9,7 +9,9 @@ tail-patch steps with it. The state is matched to parameters
 - by name, when its param groups carry ``param_names`` (optimizers built
   over ``model.named_parameters()``, torch >= 2.6);
 - by position otherwise: the i-th state entry is the model's i-th parameter
-  in ``model.parameters()`` order, group by group.
+  in ``model.parameters()`` order, group by group (or its i-th trainable
+  parameter, where the state covers exactly those: a PEFT adapter's
+  optimizer, built on the adapter's weights).
 
 Before loading, every state tensor's shape is checked against its
 parameter, and the first mismatch is named with both shapes. Adam and AdamW
@@ -75,6 +77,9 @@ def _group_params(saved: dict, model) -> list[list[tuple[str, torch.nn.Parameter
         return [[(n, named.get(n)) for n in g["param_names"]] for g in groups]
     order = list(named.items())
     count = sum(len(g["params"]) for g in groups)
+    trainable = [(n, p) for n, p in order if p.requires_grad]
+    if count != len(order) and count == len(trainable) < len(order):
+        order = trainable  # an optimizer built on the trainable parameters alone (an adapter's, say)
     if count != len(order):
         raise OptimizerStateError(
             f"the optimizer state (no parameter names: matched by position) covers {count} parameters, but "
