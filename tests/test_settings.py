@@ -32,7 +32,7 @@ def test_every_method_setting_is_an_attribution_setting():
 
 
 def test_the_model_group_feeds_every_pretraining_field_it_names():
-    own = {"size", "checkpoint", "hf_name_or_path", "optimizer_state", "learning_rate"}
+    own = {"size", "checkpoint", "hf_name_or_path", "optimizer_state", "learning_rate", "adapter"}
     assert set(_fields(ModelConf)) - own <= set(_fields(PretrainConfig))
     cfg = compose_config(["model.epochs=3", "model.seed=4", "model.optimizer=adamw"])
     recipe = pretrain_config(cfg.model)
