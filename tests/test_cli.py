@@ -58,3 +58,19 @@ def test_score_reads_release_schema_files(tmp_path, capsys):
     bad.write_text('{"example_id": "x"}\n')
     assert main(["score", str(bad)]) == 2
     assert "lacks" in capsys.readouterr().err
+
+
+def test_sweeps_run_one_after_another_in_this_process(tmp_path, capsys):
+    """`trackstar quick` runs its sweeps in its own process: Hydra's state is cleared between
+    them, each sweep writes its runs, and a sweep that fails is reported without stopping it."""
+    from trackstar import cli
+
+    common = [f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}", "world=micro", "model=micro",
+              "model.epochs=2", "eval.n_queries=2", "eval.tail_patch=false", "logger=none", "progress=false",
+              "stage_threads=1"]
+    cli._run_sweep("table_a3", [*common, "method.output_fn=loss,margin"])  # over the sweep's own list
+    cli._run_sweep("figure2_dim", [*common, "method.d=64"])
+    runs = sorted(p.parent.parent.name for p in (tmp_path / "res").glob("*/*/metrics.json"))
+    assert runs == ["figure2_dim", "table_a3", "table_a3"]
+    cli._run_sweep("table_a3", [*common, "model=no_such_size"])
+    assert "table_a3: the sweep exited with an error" in capsys.readouterr().err
