@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import pandas as pd
 
 from trackstar.evaluation.metrics import (
     RetrievalRecordError,
@@ -10,7 +11,7 @@ from trackstar.evaluation.metrics import (
     recall_at,
     score_retrievals,
 )
-from trackstar.evaluation.splits import bootstrap_mean, summarize
+from trackstar.evaluation.splits import bootstrap_mean, bootstrap_means, summarize
 
 
 def record(example_id, correct, has_trex_sentence=True, **extra):
@@ -122,3 +123,36 @@ def test_label_retrievals_against_the_world(micro_world):
         label_retrievals([dict(rec, example_id="Q99999")], micro_world, "closed")
     with pytest.raises(KeyError, match="proponent id 'S999999' is not in the closed corpus"):
         label_retrievals([dict(rec, proponent_ids=["S999999"])], micro_world, "closed")
+
+
+@pytest.mark.parametrize("confidence,resamples", [(0.95, 1000), (0.9, 200)])
+def test_batched_intervals_equal_one_bootstrap_per_column_bit_for_bit(confidence, resamples):
+    """A run's ~400 intervals are computed together; every one must be the number the
+    one-column bootstrap (scipy.stats.bootstrap) gives, or committed tables would move."""
+    rng = np.random.default_rng(7)
+    n = 120
+    holes = rng.random(n) < 0.1
+    columns = {
+        "mrr": rng.random(n),
+        "recall": (rng.random(n) < 0.4).astype(float),
+        "tail_patch": rng.normal(5, 20, n),
+        "skewed": rng.lognormal(0, 3, n),  # a heavy tail, like tail_patch_rel
+        "with_nans": np.where(holes, np.nan, rng.random(n)),
+        "same_nans": np.where(holes, np.nan, rng.normal(size=n)),
+        "constant": np.full(n, 0.25),
+        "one_value": np.where(np.arange(n) == 3, 1.5, np.nan),
+        "empty": np.full(n, np.nan),
+    }
+    got = bootstrap_means(columns, confidence, resamples)
+    assert list(got) == list(columns)
+    for name, values in columns.items():
+        want = bootstrap_mean(values, confidence, resamples)
+        assert got[name] == want or (np.isnan(want).all() and np.isnan(got[name]).all()), name
+    # Grouped as summarize does: the same numbers as one bootstrap per (group, metric).
+    frame = pd.DataFrame({k: v for k, v in columns.items() if k != "empty"})
+    frame["relation"] = rng.choice(["P17", "P19", "P36"], n)
+    table = summarize(frame, ["mrr", "tail_patch", "with_nans"], by="relation", confidence=confidence,
+                      n_resamples=resamples)
+    for row in table.itertuples():
+        part = frame[frame["relation"] == row.group][row.metric].to_numpy()
+        assert (row.mean, row.ci_low, row.ci_high) == bootstrap_mean(part, confidence, resamples)

@@ -31,6 +31,39 @@ def bootstrap_mean(values: Sequence[float], confidence: float = 0.95, n_resample
     return float(x.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def bootstrap_means(columns: dict[str, Sequence[float]], confidence: float = 0.95, n_resamples: int = 1000,
+                    seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """:func:`bootstrap_mean` of every column: the same numbers, bit for bit, at a fraction of
+    the cost (a run summarizes ~15 metrics over every split group: ~400 intervals).
+
+    Each :func:`bootstrap_mean` call draws its resample indices from a fresh generator of
+    ``seed``, so columns with the same values present draw the same indices: they are drawn
+    once per such set of columns, and each column's bootstrap distribution and percentile
+    interval are then computed exactly as ``scipy.stats.bootstrap`` computes them for one
+    sample (its vectorized statistic over the resampled rows, then ``stats.quantile``).
+    ``tests/test_evaluation_metrics.py`` holds the two equal on real and random columns.
+    """
+    out: dict[str, tuple[float, float, float]] = {}
+    together: dict[bytes, list[tuple[str, np.ndarray]]] = {}
+    for name, values in columns.items():
+        x = np.asarray(values, dtype=float)
+        present = ~np.isnan(x)
+        y = x[present]
+        if len(y) <= 1 or np.all(y == y[0]):
+            out[name] = bootstrap_mean(y, confidence, n_resamples, seed)  # no resampling: as it is
+        else:
+            together.setdefault(present.tobytes(), []).append((name, y))
+    for items in together.values():
+        n = len(items[0][1])
+        index = np.random.default_rng(seed).integers(0, n, (n_resamples, n), dtype="int64")
+        for name, y in items:
+            theta = np.mean(y[..., index], axis=-1)
+            alpha = np.asarray((1 - confidence) / 2, dtype=theta.dtype)
+            low, high = stats.quantile(theta, np.stack((alpha, 1 - alpha), axis=-1), axis=-1)
+            out[name] = (float(y.mean()), float(low), float(high))
+    return {name: out[name] for name in columns}
+
+
 def summarize(
     per_query: pd.DataFrame,
     metrics: Sequence[str],
@@ -50,8 +83,9 @@ def summarize(
     groups = [("all", per_query)] if by is None else list(per_query.groupby(by, sort=True, dropna=False))
     rows = []
     for key, frame in groups:
+        intervals = bootstrap_means({m: frame[m].to_numpy() for m in metrics}, confidence, n_resamples, seed)
         for m in metrics:
-            mean, lo, hi = bootstrap_mean(frame[m].to_numpy(), confidence, n_resamples, seed)
+            mean, lo, hi = intervals[m]
             rows.append({"split": by or "all", "group": key, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi, "n": int(frame[m].notna().sum())})
     return pd.DataFrame(rows)
 
