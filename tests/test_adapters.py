@@ -19,7 +19,8 @@ from trackstar.attribution.gradients import adapter_parameters, attribution_site
 from trackstar.attribution.output import query_example, training_example  # noqa: E402
 from trackstar.attribution.second_moment import second_moment_from_optimizer  # noqa: E402
 
-from test_attribution import QUERIES, TRAIN, lib_features, make_gpt2, make_llama, ref_objective  # noqa: E402
+from test_attribution import (  # noqa: E402
+    QUERIES, TRAIN, lib_features, make_gpt2, make_llama, ref_objective, step_each)
 
 
 def _lora(model, targets, **kw):
@@ -49,14 +50,7 @@ def _examples(tokenizer):
 def _train(model, tokenizer, steps=3):
     """A few Adam steps on the adapter's trainable weights, named (as a saved state would be)."""
     opt = torch.optim.AdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for text in TRAIN[:steps]:
-        ids = torch.tensor([[1] + tokenizer(text, add_special_tokens=False)["input_ids"]])
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return opt
+    return step_each(model, tokenizer, opt, TRAIN[:steps])
 
 
 @pytest.mark.parametrize("build", [llama_lora, lambda: _lora(make_gpt2(), ["c_attn", "c_fc"], fan_in_fan_out=True)],

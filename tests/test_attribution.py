@@ -182,6 +182,18 @@ def train_adafactor(model, tokenizer, steps=3, cls=torch.optim.Adafactor, **kw):
     return opt
 
 
+def step_each(model, tokenizer, opt, texts):
+    """One optimizer step per text (its LM loss), in train mode; the model is left in eval mode."""
+    model.train()
+    for text in texts:
+        ids = torch.tensor([[1] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt
+
+
 def lib_features(model, tokenizer, examples, sites=None, projector=None, v=None,
                  batch_size=4, padding_side="right", dense=False):
     sites = sites or block_linear_sites(model)
@@ -459,14 +471,7 @@ def test_adam_rank1_is_exact_for_a_rank1_second_moment_and_marked_inexact():
 def test_named_state_dict_gives_the_same_v_as_the_optimizer(cls, tokenizer):
     """A checkpoint's saved state_dict is matched to weights by param_names."""
     model = make_gpt2()
-    opt = cls(model.named_parameters(), lr=0.01)
-    model.train()
-    for text in TRAIN[:3]:
-        ids = torch.tensor([[1] + tokenizer(text, add_special_tokens=False)["input_ids"]])
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    opt = step_each(model, tokenizer, cls(model.named_parameters(), lr=0.01), TRAIN[:3])
     sites = block_linear_sites(model)
     live = second_moment_from_optimizer(model, opt, sites)
     saved = second_moment_from_optimizer(model, opt.state_dict(), sites)

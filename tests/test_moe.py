@@ -34,7 +34,7 @@ from trackstar.attribution.gradients import AttributionError, all_parameter_site
 from trackstar.attribution.output import query_example, training_example
 from trackstar.attribution.second_moment import second_moment_from_optimizer
 
-from test_attribution import QUERIES, TRAIN, WORDS, lib_features, ref_objective, train_adafactor
+from test_attribution import QUERIES, TRAIN, WORDS, lib_features, ref_objective, step_each, train_adafactor
 
 COMMON = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
               vocab_size=len(WORDS), max_position_embeddings=64, bos_token_id=1, eos_token_id=len(WORDS) - 1)
@@ -209,14 +209,7 @@ def _span(sites, name):
 def test_expert_v_is_the_optimizers_own_statistic_for_that_expert(optim, tokenizer):
     model = FAMILIES["mixtral"]()
     if optim == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        model.train()
-        for text in TRAIN[:4]:
-            ids = torch.tensor([[1] + tokenizer(text, add_special_tokens=False)["input_ids"]])
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        model.eval()
+        opt = step_each(model, tokenizer, torch.optim.Adam(model.parameters(), lr=1e-3), TRAIN[:4])
     else:
         opt = train_adafactor(model, tokenizer, lr=0.01)
     sites = [s for s in block_linear_sites(model) if s.expert is not None]

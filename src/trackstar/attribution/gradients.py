@@ -383,7 +383,7 @@ def _expert_forward(module: nn.Module, names: dict[tuple[str, int], str], captur
     """
     up_name = "gate_up_proj" if module.has_gate else "up_proj"
 
-    def linear(x, pname, e):
+    def linear(x, pname, e, tokens):
         weight = getattr(module, pname)[e]
         out = x @ weight if module.is_transposed else nn.functional.linear(x, weight)
         if (pname, e) in names:
@@ -393,7 +393,6 @@ def _expert_forward(module: nn.Module, names: dict[tuple[str, int], str], captur
         return out
 
     def forward(hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
-        nonlocal tokens
         top_k_index = kwargs.pop("router_indices", top_k_index)
         top_k_weights = kwargs.pop("routing_weights", top_k_weights)
         if kwargs or top_k_index is None or top_k_weights is None or hidden_states.dim() != 2:
@@ -406,17 +405,15 @@ def _expert_forward(module: nn.Module, names: dict[tuple[str, int], str], captur
             tokens, slot = torch.where(top_k_index == e)
             if tokens.numel() == 0:
                 continue
-            h = linear(hidden_states[tokens], up_name, e)
+            h = linear(hidden_states[tokens], up_name, e, tokens)
             h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-            h = linear(h, "down_proj", e)
+            h = linear(h, "down_proj", e, tokens)
             if module.has_post_expert_norm:
                 h = module.post_expert_norm(h)
             h = h * top_k_weights[tokens, slot, None]
             final.index_add_(0, tokens, h.to(final.dtype))
-        tokens = None
         return final
 
-    tokens = None
     return forward
 
 
