@@ -16,6 +16,14 @@ Setting (per model family): ~4M parameters (4 layers, width 256, vocab 4096),
   float32 matmul rate for the same shapes, without R (target >= 0.5: 2·M·d
   flops per row, so reading and checking the store weighs) and with R^{-1/2}
   applied to every training chunk (d² per row; target >= 0.8).
+* extraction / floor: vs the model's own forward and backward down to the
+  lowest sites with no hook, no projection and frozen weights (the same fused
+  activations and loss), which no extraction can beat; and that floor against
+  a training step. What is left between extraction and floor is the hooks and
+  the projections.
+* stacked / separate right projections: sites that read one input (q/k/v,
+  gate/up) projected by one product with their stacked matrices, against one
+  product per site, at the workload's widths and at 1B-model widths.
 """
 
 from __future__ import annotations
@@ -156,6 +164,71 @@ def test_feature_extraction(benchmark, family):
     print(f"\n[{family}] d={d} extraction {rate:.1f} ex/s | training step {train_rate:.1f} ex/s "
           f"-> {rate / train_rate:.2f}x (target >= 1.3) | naive vmap+dense {naive:.2f} ex/s "
           f"-> {rate / naive:.1f}x (target >= 20)")
+
+
+def floor_pass(model, batch) -> None:
+    """The model's forward and backward as extraction runs them (frozen weights, the fused
+    activations and loss, gradient from the embedding output on), with nothing hooked."""
+    from trackstar.attribution.fused import fused_activations
+    from trackstar.attribution.gradients import eval_mode, frozen_parameters
+    from trackstar.attribution.output import forward_objective
+
+    with eval_mode(model), frozen_parameters(model), torch.enable_grad(), fused_activations(model):
+        hook = model.get_input_embeddings().register_forward_hook(
+            lambda module, inputs, output: output.detach().requires_grad_(True).clone())
+        try:
+            value = forward_objective(model, batch)
+        finally:
+            hook.remove()
+        value.backward()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_extraction_floor(benchmark, family):
+    model = build(family)
+    bs = batches(examples())
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-3)
+    train_steps(model, opt, bs[:2])
+    sites = block_linear_sites(model)
+    d = len(sites) * int(math.sqrt(D / len(sites))) ** 2
+    extractor = FeatureExtractor(model, sites, Projector(sites, "gaussian", d, seed=0),
+                                 second_moment_from_optimizer(model, opt, sites))
+    runs = {"extraction": extractor, "floor": lambda b: floor_pass(model, b),
+            "training step": lambda b: train_steps(model, opt, [b])}
+    times = {name: [] for name in runs}
+    benchmark.pedantic(lambda: [extractor(b) for b in bs[:4]], rounds=1, iterations=1)
+    for _ in range(2):  # batch for batch in turn, so all three see the same load
+        for b in bs:
+            for name, run in runs.items():
+                t = time.perf_counter()
+                run(b)
+                times[name].append(time.perf_counter() - t)
+    rate = {name: BATCH / statistics.median(ts) for name, ts in times.items()}
+    info = {"extract_per_s": rate["extraction"], "floor_per_s": rate["floor"],
+            "train_step_per_s": rate["training step"], "extraction_vs_floor": rate["extraction"] / rate["floor"],
+            "floor_vs_training_step": rate["floor"] / rate["training step"]}
+    benchmark.extra_info.update(info)
+    print(f"\n[{family}] extraction {rate['extraction']:.1f} ex/s | floor {rate['floor']:.1f} | training step "
+          f"{rate['training step']:.1f} -> extraction/floor {info['extraction_vs_floor']:.2f}, "
+          f"floor/training step {info['floor_vs_training_step']:.2f}, "
+          f"extraction/training step {rate['extraction'] / rate['training step']:.2f}")
+
+
+@pytest.mark.parametrize("rows,width,p,sites", [(2048, 256, 12, 3), (2048, 256, 8, 2), (8192, 2048, 6, 3),
+                                                (8192, 2048, 8, 2)])
+def test_stacked_projections(benchmark, rows, width, p, sites):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, width, generator=gen)
+    mats = [torch.randn(p, width, generator=gen) for _ in range(sites)]
+    stacked = torch.cat(mats)
+    separate = timed(lambda: [a @ m.T for m in mats], repeat=20)
+    benchmark.pedantic(lambda: a @ stacked.T, rounds=20, iterations=1)
+    together = benchmark.stats.stats.min
+    gap = max((x - y).abs().max().item() for x, y in zip([a @ m.T for m in mats], (a @ stacked.T).split(p, -1)))
+    benchmark.extra_info.update({"separate_ms": separate * 1e3, "stacked_ms": together * 1e3,
+                                 "speedup": separate / together, "max_abs_gap": gap})
+    print(f"\n[A {rows}x{width}, {sites} sites x p_R={p}] separate {separate * 1e3:.2f} ms, stacked "
+          f"{together * 1e3:.2f} ms -> x{separate / together:.2f}; max |difference| {gap:.2g}")
 
 
 def _random_store(path, n_train: int, d: int, chunk: int, gen: torch.Generator) -> FeatureStore:

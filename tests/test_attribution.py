@@ -272,12 +272,25 @@ def test_backward_consumes_each_site_once_and_keeps_no_gradient(arch, tokenizer,
 
         assert layer_factors(model, batch, chosen, consume=consume) == {}
         assert sorted(seen) == sorted(s.name for s in chosen), label
-    # prepare() replaces A with what it returns, computed in the forward pass.
-    got = {}
-    layer_factors(model, batch, sites, consume=lambda n, a, b: got.setdefault(n, a),
-                  prepare=lambda n, a: a[..., :2] * 2)
-    for s in sites:
-        torch.testing.assert_close(got[s.name], full[s.name][0][..., :2] * 2, rtol=0, atol=0)
+    # prepare() replaces A with what it returns, computed in the forward pass; the
+    # sites whose layers read one input tensor come in one call (Llama's q/k/v and
+    # gate/up; GPT-2 has none: c_attn is q/k/v in one matrix).
+    got, calls = {}, []
+
+    def prepare(names, a):
+        calls.append(names)
+        return [a[..., :2] * (i + 2) for i in range(len(names))]
+
+    layer_factors(model, batch, sites, consume=lambda n, a, b: got.setdefault(n, a), prepare=prepare)
+    expected = {"gpt2": [("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)],
+                "llama": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]}[arch]
+    prefix = "transformer.h.{}." if arch == "gpt2" else "model.layers.{}."
+    assert calls == [tuple(f"{prefix.format(layer)}{m}.weight" for m in group)
+                     for layer in range(3) for group in expected]
+    for names in calls:
+        for i, name in enumerate(names):
+            torch.testing.assert_close(got[name], full[name][0][..., :2] * (i + 2), rtol=0, atol=0)
 
 
 def test_layers_run_twice_or_outputs_changed_in_place_are_clear_errors(tokenizer):

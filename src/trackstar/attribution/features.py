@@ -49,6 +49,7 @@ class FeatureExtractor:
         self.second_moment = second_moment
         self.dense = dense
         self._sides: dict[str, tuple] = {}
+        self._stacks: dict[tuple[str, ...], tuple[torch.Tensor, list[int]]] = {}
 
     @property
     def dim(self) -> int:
@@ -71,6 +72,16 @@ class FeatureExtractor:
                 right, col = right * col[None, :], None
             self._sides[name] = (left, right, row, col)
         return self._sides[name]
+
+    def _right_projections(self, a: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        """Each named site's right projection of A (n, T, I), (n, T, p_R) each, by one product
+        with the sites' matrices stacked (the same numbers as one product per site)."""
+        key = tuple(names)
+        if key not in self._stacks:
+            mats = [self._folded(name)[1] for name in names]
+            self._stacks[key] = (mats[0] if len(mats) == 1 else torch.cat(mats), [m.shape[0] for m in mats])
+        stacked, sizes = self._stacks[key]
+        return list((a.float() @ stacked.T).split(sizes, dim=-1))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -105,17 +116,19 @@ class FeatureExtractor:
         def dense_v(name: str) -> bool:
             return self.second_moment is not None and not self.second_moment[name].factored
 
-        def right_side(name: str, a: torch.Tensor) -> torch.Tensor:
+        def right_sides(names: tuple[str, ...], a: torch.Tensor) -> list[torch.Tensor]:
             # Runs in the forward pass: A's projection (or column scaling) is all
-            # the block needs of A, and far smaller.
-            if dense_v(name):
-                return a
-            _, right, _, col = self._folded(name)
-            if right is None and col is None:
-                return a
+            # the block needs of A, and far smaller. Sites that read this one A
+            # (q/k/v, gate/up) are projected by one product with their stacked
+            # matrices, so A is read once.
             with plain:
-                a = a.float()
-                return a @ right.T if right is not None else a * col
+                stacked = [s for s in names if not dense_v(s) and self._folded(s)[1] is not None]
+                sides = dict(zip(stacked, self._right_projections(a, stacked))) if stacked else {}
+                for name in names:
+                    if name not in sides:
+                        col = None if dense_v(name) else self._folded(name)[3]
+                        sides[name] = a if col is None else a.float() * col
+            return [sides[name] for name in names]
 
         def block(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
             # Runs inside the backward pass, as soon as the site's output gradient
@@ -136,7 +149,7 @@ class FeatureExtractor:
                 rows[:] = self.projector.keep(name, torch.bmm(b.transpose(1, 2), a).flatten(1))
 
         with self._autocast():
-            layer_factors(self.model, batch, self.sites, consume=block, prepare=right_side)
+            layer_factors(self.model, batch, self.sites, consume=block, prepare=right_sides)
         if not bool(torch.isfinite(out).all()):
             # Slow path, only on failure: find the first example and parameter.
             for site in self.sites:

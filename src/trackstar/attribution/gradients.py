@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -449,7 +449,7 @@ def layer_factors(
     batch: Batch,
     sites: list[Site],
     consume: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
-    prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    prepare: Callable[[tuple[str, ...], torch.Tensor], Sequence[torch.Tensor]] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (A, B): inputs (n, T, I) and output gradients (n, T, O), float32.
 
@@ -465,11 +465,14 @@ def layer_factors(
     most about one layer's output gradients are alive at a time; the result is
     then empty. Without it, every pair is returned.
 
-    ``prepare(name, A)``, if given, transforms each site's A (as the model
-    computed it, e.g. bfloat16 under autocast) in the forward pass, for example
-    into its projection, far smaller than A; what it returns is kept and passed
-    on instead of A, so A itself is only kept where the model's own backward
-    needs it.
+    ``prepare(names, A)``, if given, transforms A (as the model computed it,
+    e.g. bfloat16 under autocast) in the forward pass, for example into each
+    site's projection, far smaller than A; it returns one tensor per name,
+    which is kept and passed on instead of A, so A itself is only kept where the
+    model's own backward needs it. Sites whose layers read one and the same
+    input tensor, one after the other (a Llama block's q/k/v projections, its
+    gate and up projections), come in one call, so their products with A can
+    be computed together.
 
     A failure inside the model's forward or backward is raised as an
     :class:`AttributionError` naming the architecture, the last site reached and
@@ -503,6 +506,23 @@ def layer_factors(
     def scatter(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(n * t, x.shape[-1]).index_copy_(0, tokens, x).view(n, t, x.shape[-1])
 
+    # Sites whose layers have read one input tensor, in a row: [input, its version, names].
+    # Prepared together when the next layer reads another tensor, or the forward ends.
+    shared: list = []
+
+    def prepared(names: tuple[str, ...], a: torch.Tensor) -> None:
+        if prepare is None:
+            acts.update(dict.fromkeys(names, a))
+            return
+        with torch.no_grad():
+            acts.update(zip(names, prepare(names, a), strict=True))
+
+    def flush() -> None:
+        if shared:
+            a, _, names = shared
+            shared.clear()
+            prepared(tuple(names), per_token(names[0], a.detach(), "input"))
+
     def capture(name, a, output, tokens=None):
         if name in outputs:
             raise AttributionError(
@@ -510,16 +530,17 @@ def layer_factors(
                 "gradient is the sum over both calls, which the hook path does not form. Use params='all'."
             )
         trace.update(site=name, input=tuple(a.shape), output=tuple(output.shape))
-        a = a.detach()
-        a = per_token(name, a, "input") if tokens is None else scatter(a, tokens)
-        if prepare is not None:
-            with torch.no_grad():
-                a = prepare(name, a)
-        acts[name] = a
         outputs[name] = output
         versions[name] = output._version
-        if tokens is not None:
+        if tokens is not None:  # an expert's rows of the batch: its own
+            flush()
             rows[name] = tokens
+            prepared((name,), scatter(a.detach(), tokens))
+        elif shared and shared[0] is a and shared[1] == a._version:
+            shared[2].append(name)
+        else:
+            flush()
+            shared[:] = [a, a._version, [name]]
 
     def make_hook(name):
         def hook(module, inputs, output):
@@ -554,6 +575,7 @@ def layer_factors(
                     handles.append(modules[s.name].register_forward_hook(make_hook(s.name)))
             try:
                 value = forward_objective(model, batch)  # no (n, T, vocab) logits where the model allows
+                flush()
             except AttributionError:
                 raise
             except Exception as exc:
@@ -600,10 +622,8 @@ def layer_factors(
         )
     for s in unrouted:  # a zero gradient, in the form every site takes
         zeros = torch.zeros((n, t, s.in_features), device=batch.input_ids.device)
-        if prepare is not None:
-            with torch.no_grad():
-                zeros = prepare(s.name, zeros)
-        consume(s.name, zeros.float(), torch.zeros((n, t, s.out_features), device=zeros.device))
+        prepared((s.name,), zeros)
+        consume(s.name, acts.pop(s.name).float(), torch.zeros((n, t, s.out_features), device=zeros.device))
     return result
 
 
