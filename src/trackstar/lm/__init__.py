@@ -1,14 +1,31 @@
 """Language models: tokenizer, text to tokens, model building, pretraining, checkpoints, query evaluation."""
 
-from trackstar.lm.checkpoint import Checkpoint, load_checkpoint, load_hf_causal_lm, save_checkpoint
-from trackstar.lm.config import PRESETS, PretrainConfig
-from trackstar.lm.data import lm_loss, pad, passage_ids, query_ids
-from trackstar.lm.evaluate import accuracy_by_bucket, evaluate_queries, score_targets
-from trackstar.lm.models import FAMILIES, MODEL_SIZES, build_model
-from trackstar.lm.optim import OPTIMIZERS, build_optimizer
-from trackstar.lm.pretrain import pretrain_model
-from trackstar.lm.run import final_checkpoint
-from trackstar.lm.tokenizer import train_tokenizer
+import importlib
+
+# Loaded on first use (PEP 562): importing one submodule (trackstar.lm.data, say, as
+# the attribution engine does) must not load the model, training and checkpoint code
+# and the transformers modules behind them.
+_EXPORTS = {
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_hf_causal_lm": "checkpoint",
+    "save_checkpoint": "checkpoint", "PRESETS": "config", "PretrainConfig": "config", "lm_loss": "data",
+    "pad": "data", "passage_ids": "data", "query_ids": "data", "accuracy_by_bucket": "evaluate",
+    "evaluate_queries": "evaluate", "score_targets": "evaluate", "FAMILIES": "models", "MODEL_SIZES": "models",
+    "build_model": "models", "OPTIMIZERS": "optim", "build_optimizer": "optim", "pretrain_model": "pretrain",
+    "final_checkpoint": "run", "train_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"trackstar.lm.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trackstar.lm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "FAMILIES",

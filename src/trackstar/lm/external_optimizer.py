@@ -30,7 +30,6 @@ import pickle
 from pathlib import Path
 
 import torch
-from transformers.optimization import Adafactor
 
 from trackstar.io import ArtifactError
 
@@ -100,6 +99,10 @@ def _build(kind: str, saved_groups: list[dict], params: list[list[tuple[str, tor
         return (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, lr=lr)
     if kind == "torch_adafactor":
         return torch.optim.Adafactor(groups, lr=lr)
+    # Imported here: transformers.optimization pulls in its trainer utilities (and peft,
+    # bitsandbytes where installed), hundreds of MB that an extraction never needs.
+    from transformers.optimization import Adafactor
+
     return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
 
 
