@@ -13,3 +13,16 @@ def test_the_import_contracts_hold():
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 broken" in out.stdout, out.stdout
+
+
+def test_importing_the_engine_loads_no_training_or_checkpoint_code():
+    """The attribution engine's import stays light: the model, training and checkpoint code of trackstar.lm,
+    and transformers' trainer utilities (with peft and bitsandbytes where installed), load only when used.
+    Loading them all cost ~200 MB of peak RSS and ~5 s of every process that only extracts features."""
+    heavy = ["trackstar.lm.checkpoint", "trackstar.lm.pretrain", "trackstar.lm.models",
+             "transformers.optimization", "transformers.trainer_utils", "peft"]
+    code = f"import sys, trackstar.attribution; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"import trackstar.attribution loaded {out.stdout.strip()}"
