@@ -221,7 +221,8 @@ def attribution_sites(model: nn.Module, params: str = "default", routers: bool =
     adapter = adapter_parameters(model)
     if adapter is not None:
         if params == "all":
-            return [s for s in all_parameter_sites(model) if s.parameter in set(adapter)]
+            wanted = set(adapter)
+            return [s for s in all_parameter_sites(model) if s.parameter in wanted]
         return adapter_sites(model, adapter)
     if params == "all":
         return all_parameter_sites(model)
