@@ -68,7 +68,7 @@ def test_sweeps_run_one_after_another_in_this_process(tmp_path, capsys):
     common = [f"artifacts_dir={tmp_path / 'art'}", f"results_dir={tmp_path / 'res'}", "world=micro", "model=micro",
               "model.epochs=2", "eval.n_queries=2", "eval.tail_patch=false", "logger=none", "progress=false",
               "stage_threads=1"]
-    cli._run_sweep("table_a3", [*common, "method.output_fn=loss,margin"])  # over the sweep's own list
+    cli._run_sweep("table_a3", [*common, "method.output_fn=loss,margin", "method.d=64"])  # over the sweep's own list
     cli._run_sweep("figure2_dim", [*common, "method.d=64"])
     runs = sorted(p.parent.parent.name for p in (tmp_path / "res").glob("*/*/metrics.json"))
     assert runs == ["figure2_dim", "table_a3", "table_a3"]
