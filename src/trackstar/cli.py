@@ -26,28 +26,13 @@ from pathlib import Path
 
 from types import SimpleNamespace
 
+# Only what the parser needs is imported here, so `trackstar --help` and a mistyped
+# option answer at once; each command imports its stages (torch, transformers) itself.
 from .errors import debug_requested, describe_error
-from .evaluation.metrics import RETRIEVAL_METRICS, score_retrievals
-from .evaluation.splits import summarize
-from .evaluation.world_card import CARD_MD, card_markdown, write_card
-from .experiment.cell import run_cell
-from .experiment.compose import compose_config
-from .experiment.ids import model_dir, release_world_dir, world_dir
-from .experiment.sanity import sanity_report
 from .experiment.schema import ModelConf
-from .experiment.settings import pretrain_config
-from .experiment.shard import shard_job
-from .experiment.stages import corpus_world_stage, stage_lock
 from .io import ArtifactError, read_json, read_jsonl
-from .lm import final_checkpoint, load_checkpoint
-from .lm.evaluate import QUERY_EVAL_FILE, accuracy_by_bucket
-from .lm.models import FAMILIES, MODEL_SIZES
-from .lm.optim import OPTIMIZERS
-from .lm.pretrain import pretrain_model
-from .retrieval import label_retrievals
-from .runtime import compute_stage
+from .lm.presets import FAMILIES, MODEL_SIZES, OPTIMIZERS
 from .sweeps import OWN_SETTING, SWEEPS_DIR, sweep_names, swept_keys
-from .tables.cli import main as tables_main
 from .world import PROFILES, build_world, load_world
 from .world.corpus import JUDGES as CORPUS_JUDGES
 from .world.corpus import SOURCES, CorpusSpec, corpus_world
@@ -61,6 +46,8 @@ def _artifacts_root(value: str | None) -> Path:
 
 def _pretrain_config(args):
     """The same PretrainConfig the Hydra runs build, so both share one model directory."""
+    from .experiment.settings import pretrain_config
+
     return pretrain_config(SimpleNamespace(
         family=args.family, size=args.size, optimizer=args.optimizer, seed=args.model_seed,
         epochs=args.epochs, checkpoint_fractions=ModelConf().checkpoint_fractions,
@@ -68,6 +55,10 @@ def _pretrain_config(args):
 
 
 def cmd_world(args) -> Path:
+    from .evaluation.world_card import CARD_MD, card_markdown, write_card
+    from .experiment.ids import release_world_dir, world_dir
+    from .experiment.stages import corpus_world_stage
+
     t0 = time.perf_counter()
     if getattr(args, "from_release", None):
         out = Path(args.out) if args.out and not _corpus(args) else release_world_dir(_artifacts_root(args.artifacts), args.from_release,
@@ -82,7 +73,6 @@ def cmd_world(args) -> Path:
         name = f"{args.profile} ({style})"
     spec = _corpus(args)
     if spec is not None:
-
         path = (corpus_world(path, spec, Path(args.out)) if args.out
                 else corpus_world_stage(_artifacts_root(args.artifacts), path, spec))
         name += f" with the {spec.source} corpus {spec.name or spec.path} as its open set"
@@ -129,12 +119,17 @@ def corpus_flags() -> list[tuple]:
 
 
 def cmd_pretrain(args, world: Path | None = None) -> Path:
+    from .experiment.ids import model_dir
+    from .experiment.stages import corpus_world_stage, stage_lock
+    from .lm import final_checkpoint
+    from .lm.pretrain import pretrain_model
+    from .runtime import compute_stage
+
     world = Path(world or args.world)
     if not (world / "manifest.json").is_file():
         raise ArtifactError(f"--world {str(world)!r} is not a built world. Build one with `trackstar world`.")
     spec = _corpus(args)
     if spec is not None:  # pretrain on the corpus: the world with it as its open set
-
         world = corpus_world_stage(_artifacts_root(args.artifacts), world, spec)
     config = _pretrain_config(args)
     out = Path(args.out) if getattr(args, "out", None) else model_dir(_artifacts_root(args.artifacts), world, config)
@@ -153,6 +148,8 @@ def cmd_pretrain(args, world: Path | None = None) -> Path:
 
 
 def report_accuracy(checkpoint: Path) -> None:
+    from .lm.evaluate import QUERY_EVAL_FILE, accuracy_by_bucket
+
     table = accuracy_by_bucket(read_jsonl(checkpoint / QUERY_EVAL_FILE))
     print(f"\nfact accuracy (greedy decoding reproduces the target) per frequency bucket, {checkpoint.name}:")
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
@@ -183,6 +180,8 @@ def _run_sweep(name: str, overrides: list[str]) -> float:
 
 
 def _tables(results: str, paper_tables: str, timings: dict, t0: float, what: str) -> None:
+    from .tables.cli import main as tables_main
+
     print()
     rc = tables_main(["--results", str(results), "--out", str(paper_tables)])
     print("\nwall time per sweep (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
@@ -265,6 +264,9 @@ def cmd_scale_study(args) -> None:
 
 
 def cmd_sanity(args) -> None:
+    from .experiment.sanity import sanity_report
+    from .lm import final_checkpoint, load_checkpoint
+
     args.out = None
     world = cmd_world(args)
     run = cmd_pretrain(args, world)
@@ -276,6 +278,10 @@ def cmd_sanity(args) -> None:
 
 def cmd_run(args) -> None:
     """One cell (world, model, method, corpus) through the same function as trackstar-run."""
+    from .experiment.cell import run_cell
+    from .experiment.compose import compose_config
+    from .experiment.shard import shard_job
+
     overrides = list(args.override)
     if args.artifacts:
         overrides.append(f"artifacts_dir={args.artifacts}")
@@ -292,9 +298,12 @@ def cmd_run(args) -> None:
 
 def cmd_score(args) -> None:
     """Score release-schema retrieval files: ours, or the paper's released ones."""
+    from .evaluation.metrics import RETRIEVAL_METRICS, score_retrievals
+    from .evaluation.splits import summarize
+    from .retrieval import label_retrievals
+
     world = None
     if args.world:
-
         world = load_world(args.world)
     for path in args.files:
         records = read_jsonl(path)
@@ -302,7 +311,6 @@ def cmd_score(args) -> None:
             raise ArtifactError(f"{path!r} holds no retrieval records (it is empty). Give a JSONL file with "
                                 "one release-schema record per query.")
         if world is not None:
-
             records = label_retrievals(records, world, args.corpus, source=path)
         per_query = score_retrievals(records, source=path)
         scored = per_query[per_query["has_trex_sentence"]]

@@ -25,10 +25,12 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from scipy import stats
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,8 @@ def lds_per_query(predicted: np.ndarray, measured: np.ndarray) -> tuple[np.ndarr
     nothing: its LDS is 0 (``constant_prediction``), not left out, so that
     dropping its hard queries cannot raise its mean.
     """
+    from scipy import stats  # here, not at the top: the run config's schema imports this module
+
     out = np.full(predicted.shape[0], np.nan)
     counts = {"constant_outcome": 0, "too_few_subsets": 0, "constant_prediction": 0, "non_finite_prediction": 0}
     for q in range(predicted.shape[0]):
@@ -154,6 +158,8 @@ def counterfactual(
     (:func:`trackstar.lm.retrain.retrain`). A diverged retrain is left out of
     every mean, and counted.
     """
+    import pandas as pd
+
     n = len(corpus_ids)
     example_ids = [r["example_id"] for r in records]
     position = {doc: i for i, doc in enumerate(corpus_ids)}

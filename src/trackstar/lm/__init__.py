@@ -9,8 +9,8 @@ _EXPORTS = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_hf_causal_lm": "checkpoint",
     "save_checkpoint": "checkpoint", "PRESETS": "config", "PretrainConfig": "config", "lm_loss": "data",
     "pad": "data", "passage_ids": "data", "query_ids": "data", "accuracy_by_bucket": "evaluate",
-    "evaluate_queries": "evaluate", "score_targets": "evaluate", "FAMILIES": "models", "MODEL_SIZES": "models",
-    "build_model": "models", "OPTIMIZERS": "optim", "build_optimizer": "optim", "pretrain_model": "pretrain",
+    "evaluate_queries": "evaluate", "score_targets": "evaluate", "FAMILIES": "presets", "MODEL_SIZES": "presets",
+    "build_model": "models", "OPTIMIZERS": "presets", "build_optimizer": "optim", "pretrain_model": "pretrain",
     "final_checkpoint": "run", "train_tokenizer": "tokenizer",
 }
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-OPTIMIZERS = ("adafactor", "adamw")
+from trackstar.lm.presets import OPTIMIZERS  # defined there, used and exported here
 
 # Defaults of the optimizer constructors we pin so a checkpoint records them all.
 DEFAULT_HYPERPARAMETERS: dict[str, dict] = {
