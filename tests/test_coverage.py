@@ -89,6 +89,13 @@ def test_a_run_records_and_prints_its_coverage(tmp_path, capsys):
     summary = wandb_summary(record)
     assert summary["coverage/share"] == cover["share"] and summary["coverage/sites"] == 8
     assert f"{cover['share']:.1%} of the parameters" in capsys.readouterr().out
+    # Where it computed: the same code gives the same numbers only in the same environment.
+    env = record.environment
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["device"] == "cpu"
+    assert env["packages"]["torch"] == torch.__version__ and env["packages"]["bm25s"] and env["numpy_simd"]
+    from trackstar.experiment.record import read_record
+
+    assert read_record(next((tmp_path / "res").rglob("metrics.json"))).environment == env
 
 
 def test_weights_the_forward_never_uses_are_dropped_and_listed(tokenizer):

@@ -165,8 +165,27 @@ def test_cli_writes_every_format_with_provenance(results, tmp_path, capsys):
     assert prov["git_commits"] == {"c0ffee": 11} and str(bm25_dir) in prov["runs"] and not prov["mixed_commits"]
     readme = (out / "README.md").read_text()
     assert "[table1.md](table1.md)" in readme and str(results) in readme and "c0ffee" in readme
+    # These records predate the environment field: said, not guessed.
+    loaded = len(list(results.rglob("metrics.json")))
+    assert f"Environment(s) of the runs (machine, instruction sets, libraries): not recorded ({loaded} runs)" in readme
+    assert prov["environments"] == {"not recorded": loaded}
     png = (out / "figure2.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_provenance_names_each_environment_of_the_runs(results, tmp_path):
+    """Runs from two machines: each file and the index list both, with their run counts."""
+    path = next((results / "table1").glob("bm25-*")) / "metrics.json"
+    rec = json.loads(path.read_text())
+    rec["environment"] = {"cpu": "Some CPU", "torch_cpu_capability": "AVX512", "numpy_simd": "AVX512_SKX",
+                          "python": "3.11.7", "packages": {"torch": "2.13.0", "numpy": "2.4.6"}}
+    path.write_text(json.dumps(rec))
+    out = tmp_path / "paper_tables"
+    assert main(["--results", str(results), "--out", str(out), "--tables", "table1"]) == 0
+    label = "Some CPU (torch AVX512, numpy AVX512_SKX); Python 3.11.7; torch 2.13.0, numpy 2.4.6"
+    for text in ((out / "README.md").read_text(), (out / "table1.md").read_text()):
+        assert f"{label} (1 run)" in text and "not recorded (" in text
+    assert json.loads((out / "table1.provenance.json").read_text())["environments"][label] == 1
 
 
 def test_figure2_panels(results):

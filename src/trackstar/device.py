@@ -73,3 +73,54 @@ def _mps_bf16() -> bool:
         return True
     except (RuntimeError, TypeError):
         return False
+
+
+#: The libraries whose versions can move a run's numbers (kernels, tokenizers, retrievers).
+NUMERIC_PACKAGES = ("torch", "numpy", "scipy", "pandas", "transformers", "tokenizers", "safetensors", "bm25s",
+                    "sentence-transformers", "faiss-cpu")
+#: numpy's SIMD levels, widest first: its sorts and partitions (BM25's and the dense
+#: retriever's top-k) may order tied scores differently on each.
+_NUMPY_SIMD = ("AVX512_SPR", "AVX512_ICL", "AVX512_SKX", "AVX512F", "AVX2", "AVX", "SSE42", "ASIMD", "NEON", "VSX")
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """Where a run computed: the CPU and the instruction sets torch and numpy use there, the
+    GPU if it ran on one, Python and the numeric libraries' versions. Numbers are the same
+    bit for bit only between runs of the same code and environment: kernels and the order of
+    tied scores differ between instruction sets and library versions."""
+    import platform
+    from importlib import metadata
+
+    import numpy as np
+
+    try:
+        features = np._core._multiarray_umath.__cpu_features__
+        simd = next((name for name in _NUMPY_SIMD if features.get(name)), "baseline")
+    except AttributeError:  # numpy < 2 keeps it elsewhere
+        simd = "unknown"
+    versions = {}
+    for name in NUMERIC_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    env = {"cpu": _cpu_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "numpy_simd": simd,
+           "machine": platform.machine(), "python": platform.python_version(), "packages": versions}
+    if device is not None:
+        env["device"] = str(device)
+        if device.type == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(device)
+    return env

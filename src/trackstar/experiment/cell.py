@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..device import resolve_device
+from ..device import environment, resolve_device
 from ..evaluation.counterfactual import counterfactual
 from ..evaluation.fact_tracing import evaluate_with_pairs, metric_columns
 from ..evaluation.judge import NLIJudge
@@ -210,6 +210,7 @@ def execute(cfg: DictConfig, retriever, record: RunRecord) -> tuple[list[dict], 
     """The stages of one cell; fills ``record`` and returns (retrievals, per-query metrics,
     per-(query, proponent) tail-patch or None)."""
     cell = CellState(cfg, retriever, record, device=resolve_device(cfg.device), artifacts=Path(cfg.artifacts_dir))
+    record.environment = environment(cell.device)
     for name, step in STAGES:
         t = time.perf_counter()
         if step(cell) is not False:

@@ -100,6 +100,9 @@ class RunRecord:
     #: The config id without the world, model and projection seeds: runs that share it
     #: differ only in seeds, and the tables make them one row over seeds.
     seedless_id: str | None = None
+    #: Where it computed (trackstar.device.environment): CPU and instruction sets, GPU, library
+    #: versions. Empty in records written before it was kept.
+    environment: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     # --- serialization --------------------------------------------------------------
@@ -183,6 +186,7 @@ class RunRecord:
             "confidence": self.eval.get("confidence"),
             "bootstrap_resamples": self.eval.get("bootstrap_resamples"),
             "wandb_group": (self.wandb or {}).get("group"),
+            "environment": environment_label(self.environment),
             # What the tables check before putting runs side by side (see tables.aggregate).
             "world_hash": (self.artifacts.get("world") or {}).get("content_hash"),
             "checkpoint_hash": (self.artifacts.get("checkpoint") or {}).get("hash"),
@@ -197,6 +201,21 @@ class RunRecord:
                                                                                   "queries")})
         row.update(self.flat_metrics())
         return row
+
+
+#: The tables' label of a run whose record predates the environment field.
+UNRECORDED_ENVIRONMENT = "not recorded"
+
+
+def environment_label(env: dict | None) -> str:
+    """One line for provenance: ``AMD EPYC (torch AVX2, numpy AVX2); torch 2.13.0, numpy 2.4.6, ...``."""
+    if not env:
+        return UNRECORDED_ENVIRONMENT
+    where = f"{env.get('cpu', '?')} (torch {env.get('torch_cpu_capability', '?')}, numpy {env.get('numpy_simd', '?')})"
+    if env.get("gpu"):
+        where += f", {env['gpu']}"
+    packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items())
+    return f"{where}; Python {env.get('python', '?')}" + (f"; {packages}" if packages else "")
 
 
 def _without(mapping: dict, *keys: str) -> dict:
