@@ -77,7 +77,7 @@ def _mps_bf16() -> bool:
 
 #: The libraries whose versions can move a run's numbers (kernels, tokenizers, retrievers).
 NUMERIC_PACKAGES = ("torch", "numpy", "scipy", "pandas", "transformers", "tokenizers", "safetensors", "bm25s",
-                    "sentence-transformers", "faiss-cpu")
+                    "sentence-transformers", "faiss-cpu", "jax")  # bm25s takes jax's top-k where it is installed
 #: numpy's SIMD levels, widest first: its sorts and partitions (BM25's and the dense
 #: retriever's top-k) may order tied scores differently on each.
 _NUMPY_SIMD = ("AVX512_SPR", "AVX512_ICL", "AVX512_SKX", "AVX512F", "AVX2", "AVX", "SSE42", "ASIMD", "NEON", "VSX")
