@@ -32,13 +32,36 @@ class TopK:
     opponent_scores: torch.Tensor  # (M, k) float32
 
 
+def _best_first(s: torch.Tensor, i: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of candidates (scores ``s``, distinct row indices ``i``), best first and
+    among equal scores the lower row first: one order on every machine and device (which of
+    several tied rows a top-k keeps is otherwise the kernel's; identical texts tie exactly)."""
+    by_row = torch.sort(i, dim=1).indices
+    s, i = s.gather(1, by_row), i.gather(1, by_row)
+    order = torch.sort(s, dim=1, descending=largest, stable=True).indices[:, :k]
+    return s.gather(1, order), i.gather(1, order)
+
+
+def _chunk_best(scores: torch.Tensor, start: int, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's ``k`` best (scores, row indices), as :func:`_best_first` orders them: a top-k,
+    then, for the rare query whose k-th score is shared by rows beyond the k, every row that
+    reaches it (the lower rows make the cut)."""
+    c = scores.shape[1]
+    k = min(k, c)
+    top = torch.topk(scores, min(k + 1, c), dim=1, largest=largest, sorted=True)  # one more: is the cut tied?
+    s, i = _best_first(top.values[:, :k], top.indices[:, :k], k, largest)
+    if c > k:
+        for q in torch.nonzero(top.values[:, k] == top.values[:, k - 1]).flatten().tolist():
+            kth = top.values[q, k - 1]
+            rows = torch.nonzero(scores[q] >= kth if largest else scores[q] <= kth).flatten()
+            s[q], i[q] = (t[0] for t in _best_first(scores[q, rows][None], rows[None], k, largest))
+    return s, i + start
+
+
 def _merge(best_s, best_i, scores, start, k, largest):
     """Fold one chunk's (M, c) scores into the running (M, ≤k) best."""
-    top = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest, sorted=False)
-    s = torch.cat([best_s, top.values], dim=1)
-    i = torch.cat([best_i, top.indices + start], dim=1)
-    top = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest, sorted=True)
-    return top.values, i.gather(1, top.indices)
+    s, i = _chunk_best(scores, start, k, largest)
+    return _best_first(torch.cat([best_s, s], dim=1), torch.cat([best_i, i], dim=1), k, largest)
 
 
 def score_chunks(
@@ -92,9 +115,8 @@ def merge_top_k(parts: list[TopK], k: int) -> TopK:
     """The top-k over the union of several row sets' own top-k (row indices global): exact,
     since each overall best row is among the best of its own set."""
     def best(rows, scores, largest):
-        s, i = torch.cat(scores, dim=1), torch.cat(rows, dim=1)
-        top = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest, sorted=True)
-        return i.gather(1, top.indices), top.values
+        s, i = _best_first(torch.cat(scores, dim=1), torch.cat(rows, dim=1), k, largest)
+        return i, s
 
     p_i, p_s = best([p.proponent_rows for p in parts], [p.proponent_scores for p in parts], True)
     o_i, o_s = best([p.opponent_rows for p in parts], [p.opponent_scores for p in parts], False)
@@ -112,7 +134,8 @@ def faiss_top_k(
 
     For corpora searched many times: the index holds the transformed training
     features, so later query sets skip R^{-1/2} and the pass over the store.
-    Opponents are the proponents of the negated queries.
+    Opponents are the proponents of the negated queries. Equal scores come in FAISS's
+    order, not necessarily the streaming top-k's (the lower row first).
     """
     try:
         import faiss  # optional: the trackstar[faiss] extra, for scorer='faiss' only

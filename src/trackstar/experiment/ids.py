@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..identity import stable
 from ..io import config_hash, read_json
 from ..lm.run import run_key
+from ..retrieval.records import TIE_ORDER
 from ..world.release import release_key
 from ..world.store import world_identity
 
@@ -124,7 +125,7 @@ def retrieval_key(world_manifest: dict, checkpoint_id: str | None, retriever_key
     the retriever's own key (its name and resolved settings), the corpus and the queries."""
     return config_hash(
         {"world": world_manifest["content_hash"], "checkpoint": checkpoint_id, "retriever": retriever_key,
-         "corpus": corpus, "k": k, "n_queries": n_queries}
+         "corpus": corpus, "k": k, "n_queries": n_queries, "ties": TIE_ORDER}
     )
 
 

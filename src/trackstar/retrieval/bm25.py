@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .records import Corpus, query_text, text_records
+from .records import Corpus, query_text, text_records, top_k_rows
 from .registry import RetrievalTask, Retriever, register, sum_query_rows
 
 
@@ -33,18 +33,16 @@ def _index(corpus_texts: Sequence[str], query_texts: Sequence[str], k1: float, b
 def bm25_topk(
     corpus_texts: Sequence[str], query_texts: Sequence[str], k: int, k1: float = 1.5, b: float = 0.75
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (queries x k) of the top-``k`` corpus texts per query, and their scores."""
+    """Indices (queries x k) of the top-``k`` corpus texts per query, and their scores;
+    equal scores in corpus order (:func:`~trackstar.retrieval.records.top_k_rows`). A query
+    with no word in the corpus matches nothing: score 0 for the first k texts."""
     if k > len(corpus_texts):
         raise ValueError(f"k={k} exceeds the corpus size {len(corpus_texts)}; lower k.")
-    retriever, known = _index(corpus_texts, query_texts, k1, b)
-    # A query with no word in the corpus matches nothing: it gets score 0 for
-    # the first k texts rather than a made-up match.
-    placeholder = next(iter(retriever.vocab_dict))
-    ids, scores = retriever.retrieve([q or [placeholder] for q in known], k=k, show_progress=False, n_threads=1)
-    ids, scores = np.asarray(ids), np.asarray(scores, dtype=np.float32)
-    for row, q in enumerate(known):
-        if not q:
-            ids[row], scores[row] = np.arange(k), 0.0
+    ids = np.empty((len(query_texts), k), dtype=np.int64)
+    scores = np.empty((len(query_texts), k), dtype=np.float32)
+    for row, all_scores in enumerate(bm25_all_scores(corpus_texts, query_texts, k1, b)):
+        ids[row] = top_k_rows(all_scores, k)[0]
+        scores[row] = all_scores[ids[row]]
     return ids, scores
 
 

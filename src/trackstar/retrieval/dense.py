@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .records import Corpus, query_text, text_records
+from .records import Corpus, query_text, text_records, top_k_rows
 from .registry import RetrievalTask, Retriever, register, sum_query_rows
 
 DEFAULT_MODEL = "builtin:all-MiniLM-L6-v2"
@@ -45,9 +45,7 @@ def dense_topk(
     if k > len(corpus_texts):
         raise ValueError(f"k={k} exceeds the corpus size {len(corpus_texts)}; lower k.")
     sims = dense_similarities(corpus_texts, query_texts, model, batch_size, device)
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
+    top = top_k_rows(sims, k)  # equal scores in corpus order, on every machine
     return top, np.take_along_axis(sims, top, axis=1).astype(np.float32)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 #: The two retrieval sets: the closed set (T-REx-like sentences) and the open
 #: set (the pretraining corpus).
 CORPORA = ("closed", "open")
@@ -133,3 +135,27 @@ def text_records(queries: Sequence[dict], corpus: Corpus, rows, scores) -> list[
         retrieval_record(q, corpus, [corpus.ids[j] for j in r], s)
         for q, r, s in zip(queries, rows.tolist(), scores.tolist(), strict=True)
     ]
+
+
+#: How every retriever orders equal scores (the lower corpus position first). In each
+#: retrieval's cache key: lists cached before it had the machine's order of ties.
+TIE_ORDER = "corpus_order"
+
+
+def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's ``k`` highest scores, best first, and among equal
+    scores the lower column (corpus position) first: the same list on every machine.
+
+    Exact ties are common (a world repeats sentences word for word), and which of
+    them a partition keeps, and in what order, is the machine's: numpy's SIMD sorts
+    and bm25s's top-k differ between instruction sets and versions."""
+    scores = np.atleast_2d(np.asarray(scores))
+    n = scores.shape[1]
+    k = min(k, n)
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    for r, row in enumerate(scores):
+        kth = np.partition(row, n - k)[n - k]  # the k-th highest score
+        candidates = np.flatnonzero(row >= kth)  # ascending: every score that reaches it, ties included
+        out[r] = candidates[np.argsort(-row[candidates], kind="stable")[:k]]
+    return out
+
