@@ -667,6 +667,27 @@ def test_inverse_factor_inverts_the_damped_r_and_scores_as_r_inverse_sqrt_does()
     assert not torch.allclose(scores["cholesky"], unit_normalize(q) @ unit_normalize(t).T, atol=1e-3)
 
 
+def test_r_sums_and_the_triangular_inverse_equal_plain_products():
+    """The CPU's syrk sums (one triangle, mirrored) and LAPACK's trtri against float64 products and
+    inverses, per block and over chunks; W = U⁻¹ is upper triangular and C-contiguous."""
+    from trackstar.attribution.curvature import outer_product_sums, triangular_inverse
+
+    torch.manual_seed(0)
+    x = torch.randn(70, 11) * torch.linspace(2, 0.1, 11)
+    blocks = [slice(0, 4), slice(4, 11)]
+    sums, count = outer_product_sums(x.split(16), 11, blocks)
+    assert count == 70
+    for acc, s in zip(sums, blocks):
+        xs = x[:, s].double()
+        torch.testing.assert_close(acc, xs.T @ xs, rtol=1e-13, atol=1e-13)
+        assert torch.equal(acc, acc.T) and acc.is_contiguous() and acc.dtype == torch.float64
+    r = sums[1] / count + 0.1 * torch.eye(7, dtype=torch.float64)
+    u = torch.linalg.cholesky(r, upper=True)
+    w = triangular_inverse(u.clone())
+    torch.testing.assert_close(w, torch.linalg.inv(u), rtol=1e-12, atol=1e-12)
+    assert w.is_contiguous() and torch.equal(w, w.triu())
+
+
 def test_undamped_singular_r_is_refused_by_either_factor():
     x = torch.randn(3, 8, dtype=torch.float64)
     for factor in ("cholesky", "symmetric"):
