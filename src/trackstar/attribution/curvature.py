@@ -60,19 +60,24 @@ def outer_product_sums(
     return [acc.cpu() for acc in sums], count
 
 
+def _torch_share_of_blas():
+    """scipy's BLAS threads limited to torch's: a job sharing the machine keeps its share."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
 def _cpu_outer_product_sums(chunks: Iterable[torch.Tensor], blocks: list[slice], total: int | None,
                             desc: str | None) -> tuple[list[torch.Tensor], int]:
     """:func:`outer_product_sums` on the CPU by BLAS's syrk, which computes one triangle of
     xᵀx: half the multiply-adds of a matrix product (0.7 s instead of 1.2-2.0 s for 2,048
     rows at d = 4,096 on two cores), with as many BLAS threads as torch has."""
     from scipy.linalg import blas
-    from threadpoolctl import threadpool_limits
 
     # Column-major upper triangles; a row-major (n, b) chunk is its (b, n) transpose there.
     sums = [np.zeros((s.stop - s.start,) * 2, order="F") for s in blocks]
     count = 0
-    with tqdm(total=total, desc=desc, unit="row", disable=desc is None) as bar, \
-            threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    with tqdm(total=total, desc=desc, unit="row", disable=desc is None) as bar, _torch_share_of_blas():
         for chunk in chunks:
             x = chunk.cpu().double()
             for j, s in enumerate(blocks):
@@ -188,11 +193,10 @@ def triangular_inverse(upper: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(upper, torch.eye(upper.shape[0], dtype=upper.dtype,
                                                               device=upper.device), upper=True)
     from scipy.linalg import lapack
-    from threadpoolctl import threadpool_limits
 
     # U in row-major order is Uᵀ (lower triangular) in LAPACK's column-major order:
     # inverting that in place gives (U⁻¹)ᵀ column-major, which is U⁻¹ row-major. No copies.
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    with _torch_share_of_blas():
         inverse, info = lapack.dtrtri(upper.contiguous().numpy().T, lower=1, overwrite_c=1)
     if info != 0:
         raise CurvatureError(f"The Cholesky factor of R is singular at its diagonal entry {info} (LAPACK dtrtri).")
