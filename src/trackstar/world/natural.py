@@ -69,9 +69,8 @@ def _pronoun(first_name: str) -> str:
 def _surface_forms(entities: list[Entity], names, fake: Faker, rng: random.Random) -> dict[str, _Forms]:
     """Every entity's forms; aliases are unique across the world's names, so a name still
     says which entity it is (short forms and pronouns need their abstract)."""
-    gc = geonames()
-    cities = gc.get_cities()
-    countries = {c["name"]: c for c in gc.get_countries().values()}
+    cities, all_countries = geonames()
+    countries = {c["name"]: c for c in all_countries.values()}
     currency_codes = {}
     for c in sorted(countries.values(), key=lambda c: c["iso"]):
         currency_codes.setdefault(c["currencyname"], c["currencycode"])
