@@ -1,5 +1,7 @@
 """The HTML report: built from real run records, opened in a real (headless) browser."""
 
+import base64
+import gzip
 import json
 import os
 import re
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from trackstar.tables.report import read_report_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -38,15 +42,25 @@ def report(tmp_path_factory):
 
 
 def _data(path: Path) -> dict:
-    text = path.read_text()
-    return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
+    return read_report_data(path)
 
 
-def test_the_index_names_the_report_without_linking_it(report):
+def test_the_index_links_the_report_with_its_size(report):
     page, _ = report
     index = (page.parent / "README.md").read_text()
-    size = f"{page.stat().st_size / 1e6:.1f} MB"
-    assert f"`report.html` ({size}," in index and "](report.html)" not in index  # ignored by git: no dead link
+    assert f"[report.html](report.html) ({page.stat().st_size / 1e6:.1f} MB," in index
+
+
+def test_the_data_block_is_compressed_json_and_a_foreign_page_is_refused(report, tmp_path):
+    page, _ = report
+    block = re.search(r'id="data" data-encoding="gzip\+base64">(.*?)</script>', page.read_text(), re.S).group(1)
+    data = json.loads(gzip.decompress(base64.b64decode(block)))  # decoded here without the product's reader
+    assert data == read_report_data(page) and set(data) >= {"tables", "runs", "texts", "worlds"}
+    assert len(block) < len(json.dumps(data)) / 2
+    other = tmp_path / "other.html"
+    other.write_text("<html><body>no data</body></html>")
+    with pytest.raises(ValueError, match=r"other\.html: not a report written by trackstar-tables --html"):
+        read_report_data(other)
 
 
 def test_report_is_one_self_contained_page(report):
@@ -122,4 +136,5 @@ def test_report_renders_tables_proponents_and_filters_in_a_browser(report, tmp_p
     assert console == []
     assert f"{want} of {len(queries)} queries" in dom
     assert re.findall(r'<div class="panel" data-method="([^"]+)"', dom) == ["Gradient cosine"]
+
 

@@ -13,8 +13,10 @@ server, no network, one file. It holds
   model correctness, seed and method;
 - each run's provenance (its config, commit and the world card) a click away.
 
-The data sit in one JSON block (passage texts stored once) and the page draws
-only what is shown, so a full-world sweep stays quick to open. The view state
+The data sit in one JSON block (passage texts stored once), gzip-compressed and
+base64-encoded (the browser's own ``DecompressionStream`` reads it: a sweep's
+report is a fifth of its JSON's size, small enough to commit beside its tables),
+and the page draws only what is shown, so a full-world sweep stays quick to open. The view state
 lives in the URL's fragment (``#view=queries&table=table1&query=Q00003&relation=P36``), so a
 view can be linked, and the browser test opens such links.
 """
@@ -22,9 +24,11 @@ view can be linked, and the browser test opens such links.
 from __future__ import annotations
 
 import base64
+import gzip
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -160,14 +164,29 @@ def report_data(made: list[tuple[str, PaperTable]], results: str | Path, finding
             "figure": image, "provenance": provenance, "k": k}
 
 
+#: How the page carries its data: ``gzip+base64`` of the JSON (mtime 0: the same data, the same bytes).
+DATA_ENCODING = "gzip+base64"
+_DATA_BLOCK = re.compile(r'<script type="application/octet-stream" id="data" data-encoding="([^"]+)">(.*?)</script>', re.S)
+
+
 def write_report(out: Path, data: dict) -> Path:
-    """``report.html`` in ``out``: the page with ``data`` inlined."""
-    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    """``report.html`` in ``out``: the page with ``data`` inlined, compressed."""
+    raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    payload = base64.b64encode(gzip.compress(raw, compresslevel=9, mtime=0)).decode("ascii")
     page = (_PAGE.replace("__TITLE__", html.escape("trackstar report: " + ", ".join(t["name"] for t in data["tables"])))
-            .replace("__DATA__", payload))
+            .replace("__ENCODING__", DATA_ENCODING).replace("__DATA__", payload))
     path = Path(out) / REPORT_FILE
     atomic_write_text(path, page)
     return path
+
+
+def read_report_data(path: str | Path) -> dict:
+    """The data a ``report.html`` carries, as :func:`report_data` made them (for scripts and tests)."""
+    found = _DATA_BLOCK.search(Path(path).read_text())
+    if found is None or found.group(1) != DATA_ENCODING:
+        raise ValueError(f"{path}: not a report written by trackstar-tables --html (no {DATA_ENCODING} data block); "
+                         "regenerate it with trackstar-tables --html")
+    return json.loads(gzip.decompress(base64.b64decode(found.group(2))))
 
 
 _PAGE = r"""<!doctype html>
@@ -209,10 +228,10 @@ pre{white-space:pre-wrap;background:#f6f8fa;padding:8px;border:1px solid #ddd;ma
 <section data-view="findings"><h2 id="findings">Findings</h2><pre id="findings-body"></pre></section>
 <section data-view="provenance"><h2 id="provenance">Provenance</h2><pre id="provenance-body"></pre><div id="runs-body"></div></section>
 </main>
-<script type="application/json" id="data">__DATA__</script>
+<script type="application/octet-stream" id="data" data-encoding="__ENCODING__">__DATA__</script>
 <script>
 "use strict";
-const D = JSON.parse(document.getElementById("data").textContent);
+let D;  // the data block, decoded below before anything is drawn
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 const state = {};
@@ -331,18 +350,27 @@ function renderStatic() {
   $("findings-body").textContent = D.findings || "(no findings: no paired tables)";
   $("provenance-body").textContent = D.provenance.join("\n");
 }
-["f-table", "f-relation", "f-bucket", "f-model", "f-seed"].forEach((id) => $(id).addEventListener("change", (e) => {
-  const key = {"f-table": "table", "f-relation": "relation", "f-bucket": "bucket", "f-model": "model", "f-seed": "seed"}[id];
-  setHash(key === "table" ? {table: e.target.value, query: "", methods: "", only: ""} : {[key]: e.target.value});
-}));
-window.addEventListener("hashchange", () => { readHash(); renderQueries(); });
 function showView() {  // view=queries (or tables, figure, ...) shows that section alone
   document.querySelectorAll("main > section").forEach((sec) => {
     sec.style.display = !state.view || sec.dataset.view === state.view ? "" : "none";
   });
 }
-window.addEventListener("hashchange", showView);
-readHash(); renderTables(); renderStatic(); renderQueries(); showView();
-document.body.dataset.ready = "1";
+async function decodeData(el) {  // gzip+base64 JSON, unpacked by the browser's own DecompressionStream
+  const bytes = Uint8Array.from(atob(el.textContent), (c) => c.charCodeAt(0));
+  return JSON.parse(await new Response(new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"))).text());
+}
+decodeData($("data")).then((data) => {
+  D = data;
+  ["f-table", "f-relation", "f-bucket", "f-model", "f-seed"].forEach((id) => $(id).addEventListener("change", (e) => {
+    const key = {"f-table": "table", "f-relation": "relation", "f-bucket": "bucket", "f-model": "model", "f-seed": "seed"}[id];
+    setHash(key === "table" ? {table: e.target.value, query: "", methods: "", only: ""} : {[key]: e.target.value});
+  }));
+  window.addEventListener("hashchange", () => { readHash(); renderQueries(); showView(); });
+  readHash(); renderTables(); renderStatic(); renderQueries(); showView();
+  document.body.dataset.ready = "1";
+}, (err) => {
+  $("tables-body").textContent = "This page could not read its data (" + err + "): open it in a browser from 2023 on (DecompressionStream).";
+  throw err;
+});
 </script></body></html>
 """
