@@ -53,7 +53,11 @@ def _run_dir(run: str, results: Path) -> Path | None:
 
 
 def _number(value):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    """A number for the page: None for NaN, floats to 7 significant digits (float32's precision,
+    beyond anything the page shows; a report a quarter smaller)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(f"{value:.7g}") if isinstance(value, float) else value
 
 
 def _table_data(table: PaperTable, results: Path) -> dict:
