@@ -208,8 +208,8 @@ def card_markdown(card: dict) -> str:
         f"| gold sentences containing a content word of a prompt | {pct(card['share_gold_with_prompt_content_word'])} |",
         f"| distractors per fact | {card['distractors_per_fact']:.2f} |",
         f"| closed-set BM25 MRR ({card['queries_scored']} queries with a gold sentence) | "
-        f"{'n/a' if card['bm25_mrr'] is None else format(card['bm25_mrr'], '.3f')} |",
-        f"| closed-set BM25 recall@10 | {'n/a' if card['bm25_recall@10'] is None else format(card['bm25_recall@10'], '.3f')} |",
+        f"{'n/a' if card['bm25_mrr'] is None else format(card['bm25_mrr'], '.4f')} |",  # as stored: rounded once
+        f"| closed-set BM25 recall@10 | {'n/a' if card['bm25_recall@10'] is None else format(card['bm25_recall@10'], '.4f')} |",
         "", "Gold sentences per fact: " + ", ".join(f"{k}: {v}" for k, v in card["gold_per_fact_histogram"].items())
         + " facts.", "",
         "Mean gold sentences per fact by frequency bucket: "
