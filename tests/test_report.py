@@ -138,3 +138,20 @@ def test_report_renders_tables_proponents_and_filters_in_a_browser(report, tmp_p
     assert re.findall(r'<div class="panel" data-method="([^"]+)"', dom) == ["Gradient cosine"]
 
 
+COMMITTED_REPORT = ROOT / "paper_tables" / "report.html"
+
+
+@needs_chromium
+def test_the_committed_tables_report_shows_every_method_of_a_query_in_a_browser(tmp_path):
+    """The report committed beside paper_tables/ (the runs of the committed tables) opens from disk."""
+    data = read_report_data(COMMITTED_REPORT)
+    table1 = next(t for t in data["tables"] if t["name"] == "table1")
+    rows = [row for row in table1["rows"] if any(r in data["runs"] for r in row["runs"])]
+    assert len(rows) == len(table1["rows"]) >= 10  # every Table 1 row kept its retrievals
+    labels = sorted({data["runs"][next(r for r in row["runs"] if r in data["runs"])]["label"] for row in rows})
+    qid = sorted(data["runs"][rows[0]["runs"][0]]["queries"])[7]
+    dom, console = _browse(COMMITTED_REPORT, f"#view=queries&table=table1&query={qid}", tmp_path)
+    assert console == []
+    assert 'data-ready="1"' in dom and f'id="query-head"><b>{qid}</b>' in dom
+    assert sorted(re.findall(r'<div class="panel" data-method="([^"]+)"', dom)) == labels
+    assert dom.count('<div class="prop">') == 10 * len(labels)
