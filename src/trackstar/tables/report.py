@@ -15,7 +15,7 @@ server, no network, one file. It holds
 
 The data sit in one JSON block (passage texts stored once), gzip-compressed and
 base64-encoded (the browser's own ``DecompressionStream`` reads it: a sweep's
-report is a fifth of its JSON's size, small enough to commit beside its tables),
+report is a third of its plain JSON's size, small enough to commit beside its tables),
 and the page draws only what is shown, so a full-world sweep stays quick to open. The view state
 lives in the URL's fragment (``#view=queries&table=table1&query=Q00003&relation=P36``), so a
 view can be linked, and the browser test opens such links.
