@@ -410,6 +410,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _threads(pid: int) -> list[str]:
+    """A process's thread names (a worker that watches its sweep has trackstar-die-w...)."""
+    try:
+        return sorted((t / "comm").read_text().strip() for t in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
 def test_parallel_sweep_workers_die_with_their_main_process(tmp_path):
     """kill -9 of a hydra/launcher=parallel sweep's main process left its workers running for
@@ -433,12 +441,31 @@ def test_parallel_sweep_workers_die_with_their_main_process(tmp_path):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(_alive(p) for p in workers):
             time.sleep(0.2)
-        assert not any(_alive(p) for p in workers), "a worker outlived the sweep's main process"
+        survivors = {p: (c, _threads(p)) for p, c in workers.items() if _alive(p)}
+        assert not survivors, f"a worker outlived the sweep's main process: {survivors}"
     finally:
         main.kill()
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_whose_sweep_is_already_gone_exits_before_its_job():
+    """A parallel sweep's worker can read a job already in the pipe after the main process was
+    killed: its parent is then another process, so it used to watch that one and run the whole
+    job (seen as a flaky failure of the test above). It must exit at once instead, and a worker
+    of a live sweep must go on."""
+    from trackstar.experiment.run import SWEEP_PID_ENV
+
+    code = "from trackstar.experiment.run import die_with_parent; die_with_parent(); print('ran the job')"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    alive = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**env, SWEEP_PID_ENV: str(os.getpid())})  # its parent: the sweep
+    assert alive.returncode == 0 and "ran the job" in alive.stdout, alive.stderr[-2000:]
+    gone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, SWEEP_PID_ENV: str(os.getpid() + 1)})  # not its parent
+    assert gone.returncode == 1 and "ran the job" not in gone.stdout
+    assert f"main process {os.getpid() + 1} is gone" in gone.stderr
 
 
 def test_a_full_disk_while_writing_a_record_names_the_file(tmp_path, monkeypatch):

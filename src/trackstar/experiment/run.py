@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     traceback), then Hydra runs the jobs."""
     for problem in _directory_problems(sys.argv[1:] if argv is None else argv):
         raise SystemExit(f"trackstar-run: invalid config: {problem}")
+    # The parallel launcher's workers inherit this: a worker that takes its first job after
+    # this process is gone can tell (its parent is then another process).
+    os.environ[SWEEP_PID_ENV] = str(os.getpid())
     hydra_main()
 
 
@@ -93,6 +96,13 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 _WATCHED: set[int] = set()
+#: The pid of the ``trackstar-run`` process that started the sweep (set by :func:`main`).
+SWEEP_PID_ENV = "TRACKSTAR_SWEEP_PID"
+
+
+def _gone(parent: int) -> None:
+    logging.getLogger("trackstar").error("the sweep's main process %d is gone: this worker exits", parent)
+    os._exit(1)
 
 
 def die_with_parent(poll_s: float = 1.0) -> None:
@@ -102,8 +112,14 @@ def die_with_parent(poll_s: float = 1.0) -> None:
     lost session) would otherwise finish its job, and take the next, for minutes,
     holding the compute slot a re-run waits for. Its stages are atomic and resumable,
     so exiting at once loses nothing finished. Once per process (workers are reused).
+    A worker that reads its first job only after the main process died (a job already
+    in the pipe) finds another parent than the sweep's (``TRACKSTAR_SWEEP_PID``) and
+    exits at once.
     """
     parent = os.getppid()
+    sweep = os.environ.get(SWEEP_PID_ENV, "")
+    if sweep.isdigit() and int(sweep) != parent:
+        _gone(int(sweep))
     if parent in _WATCHED or parent <= 1:
         return
     _WATCHED.add(parent)
@@ -111,8 +127,7 @@ def die_with_parent(poll_s: float = 1.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        logging.getLogger("trackstar").error("the sweep's main process %d is gone: this worker exits", parent)
-        os._exit(1)
+        _gone(parent)
 
     threading.Thread(target=watch, name="trackstar-die-with-parent", daemon=True).start()
 
