@@ -129,3 +129,88 @@ def test_probability_before_does_not_depend_on_the_other_queries(micro_world, ch
     few = few.set_index(["example_id", "proponent_id"])
     assert (whole.loc[few.index, "p_before"] == few["p_before"]).all()
     assert (whole.loc[few.index, "delta_logprob"] == few["delta_logprob"]).all()
+
+
+def _brute_force_gradients(model, passages):
+    """Each passage's mean-loss gradient by plain autograd on the model itself, one at a time."""
+    out = []
+    for ids in passages:
+        model.zero_grad()
+        t = torch.tensor([ids])
+        logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, :-1].float()
+        torch.nn.functional.cross_entropy(logits, t[0, 1:]).backward()
+        out.append({n: (torch.zeros_like(p) if p.grad is None else p.grad.clone())
+                    for n, p in model.named_parameters()})
+    return out
+
+
+def _llama_adafactor(vocab, pad_id, tie):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64, pad_token_id=pad_id,
+                                         tie_word_embeddings=tie)).eval()
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    ids = torch.randint(3, vocab, (4, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("family", ["gpt2-tied", "llama-untied", "llama-tied"])
+def test_gradients_equal_plain_autograd_per_example(micro_world, checkpoint, family):
+    """The batched per-example gradients (input embedding rows looked up outside the
+    vmapped call) equal each passage's own backward, repeated tokens and a token equal
+    to the embedding's padding index included."""
+    if family == "gpt2-tied":
+        model, opt, pad = checkpoint.model.eval(), checkpoint.optimizer, checkpoint.tokenizer.pad_token_id
+        vocab = model.config.vocab_size
+    else:
+        vocab, pad = 50, 0
+        model, opt = _llama_adafactor(vocab, pad, tie=family == "llama-tied")
+    # One padded width (8): the same token three times, the padding id inside a passage,
+    # and a passage shorter than the width.
+    passages = [[5, 9, 5, 11, 5, 7, 8, 9], [6, 7, pad, 9, 10, 12, 13, 14], [20, 21, 22, 23, 20]]
+    engine = BatchedTailPatch(model, opt, 1e-3, passages[0], pad)
+    assert engine.embedding is not None  # the looked-up path is the one under test
+    got = engine._gradients(passages)
+    want = _brute_force_gradients(model, passages)
+    embedding = engine.embedding[0]
+    for name, stacked in got.items():
+        for i, w in enumerate(want):
+            torch.testing.assert_close(stacked[i], w[name], rtol=1e-4, atol=1e-6, msg=f"{family} {name} #{i}")
+    # Untied, the padding index's row stays at zero where it is a real token (nn.Embedding's rule).
+    if family == "llama-untied":
+        assert not got[embedding][1, pad].any()
+    # The check can fail: the gradients before the looked-up rows' scatter are not the answer.
+    ids = torch.tensor([passages[0]])
+    base = engine.step.base
+    train = {n: base[n] for n in engine._trainable}
+    fixed = {n: t for n, t in base.items() if n not in engine._trainable}
+    unscattered, _ = engine._embed_grads(train, fixed, base[embedding][ids], ids, ids.clone())
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(unscattered[embedding][0], want[0][embedding], rtol=1e-4, atol=1e-6)
+
+
+def test_head_at_target_positions_equals_the_full_logits(micro_world, checkpoint):
+    """log_probs with the vocabulary head only at the target positions (``logits_to_keep``)
+    equals the same call over every position's logits, targets of different lengths in one call."""
+    tok = checkpoint.tokenizer
+    model = checkpoint.model.eval()
+    engine = BatchedTailPatch(model, checkpoint.optimizer, checkpoint.learning_rate,
+                              passage_ids(tok, micro_world.sentences[0]["text"], 64), tok.pad_token_id)
+    assert engine.keeps_logits
+    queries = [(list(range(5, 5 + n)), t) for n, t in ((9, 1), (11, 3), (12, 2), (10, 4))]
+    params = engine.base_params()
+    kept = engine.log_probs(params, [0] * 4, queries)
+    engine.keeps_logits = False
+    full = engine.log_probs(params, [0] * 4, queries)
+    assert kept == pytest.approx(full, rel=1e-5, abs=1e-5)
+    # and equals the plain model, one query at a time
+    for (ids, n), lp in zip(queries, kept, strict=True):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        plain = sum(float(logits[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids)))
+        assert lp == pytest.approx(plain, rel=1e-5, abs=1e-5)

@@ -12,7 +12,8 @@ are written out op by op where one kernel computes the same function:
 * Llama-style RMSNorm (pow, mean, rsqrt, two products): ``F.rms_norm`` gives
   the same float32 numbers bit for bit, in one kernel each way.
   :func:`fused_activations` swaps both in for the duration of an extraction and
-  restores the model's modules after; training and tail-patch never see them.
+  restores the model's modules after; training and the one-at-a-time tail-patch
+  never see them (the batched tail-patch's vmapped calls do).
 * The loss output function, Σ w·(logsumexp(z) − z_y): cross-entropy's backward
   zero-fills a vocabulary-wide tensor, scatters into it and reads it with the
   log-probabilities again. :func:`weighted_token_loss` forms

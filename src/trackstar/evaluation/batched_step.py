@@ -19,6 +19,15 @@ forward, a restore. Here a chunk of proponents is stepped together:
    real token see the padding after it, and the shape of a pair's
    computation never depends on which other pairs share its batch.
 
+Three shortcuts that compute the same functions (:data:`KERNELS` names them):
+the vocabulary head runs only at the positions that predict a target token
+(``logits_to_keep``, where the model's forward takes it); the input
+embedding's rows are looked up outside the vmapped call and their gradient
+added into the embedding's at the passage's tokens (batched, the embedding's
+own backward zero-fills and scatters a vocabulary-wide matrix per passage);
+GPT-2's tanh-GELU and Llama's RMSNorm run as one kernel each
+(:func:`~trackstar.attribution.fused.fused_activations`).
+
 The results equal the one-at-a-time step within float tolerance (float32
 rounding: the kernels differ). Optimizers without a functional step here, or
 models whose forward cannot be vmapped, take the one-at-a-time path.
@@ -26,6 +35,7 @@ models whose forward cannot be vmapped, take the one-at-a-time path.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Sequence
@@ -34,8 +44,14 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, grad, vmap
 
+from ..attribution.fused import fused_activations
 from ..lm.data import IGNORE_INDEX, context_length
 
+#: The batched path's values agree with the one-at-a-time step's within float tolerance,
+#: not to the bit; this names the kernels behind them, so a cache keeps each version's
+#: values apart. 2: the head only at target positions, the input embedding's rows looked
+#: up outside the vmapped call, fused tanh-GELU and RMSNorm (values within ~1e-6 of 1's).
+KERNELS = "batched-2"
 QUERY_WIDTH = 16
 PASSAGE_WIDTH = 8
 DEFAULT_MEMORY_BYTES = 1 << 30
@@ -158,6 +174,11 @@ def _adafactor_update(g: torch.Tensor, st: dict, step: _ParamStep) -> torch.Tens
         row = st["row_var"].lerp(square.mean(dim=-1, keepdim=True), step.weight)
         col = st["col_var"].lerp(square.mean(dim=-2, keepdim=True), step.weight)
         row = row / row.mean(dim=-2, keepdim=True).clamp_(min=step.eps1)
+        floor = step.eps1 * step.eps1
+        if float(row.amin()) * float(col.amin()) >= floor:
+            # No product falls below the floor, so 1/sqrt(row * col) = 1/sqrt(row) / sqrt(col):
+            # two passes over the stacked gradient instead of four (float rounding apart).
+            return g.mul_(row.rsqrt_()).mul_(col.rsqrt_())
         var = torch.mul(row, col, out=square)
     else:
         var = st["variance"].lerp(g * g, step.weight)
@@ -189,31 +210,51 @@ class BatchedTailPatch:
         # Per proponent: its gradient, its stepped copy, and a gathered copy per pair.
         self.chunk = max(1, min(MAX_CHUNK, memory_bytes // (3 * numel)))
 
-        def loss(params, ids, labels):
-            logits = self._call(params, ids[None])[0, :-1].float()
+        def loss(params, ids, labels, embeds=None):
+            logits = self._call(params, ids[None], embeds=None if embeds is None else embeds[None])[0, :-1].float()
             return torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX)
 
-        def logprob(params, ids, target_mask):
-            logits = self._call(params, ids[None])[0].float()
-            lp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[1:, None])[:, 0]
-            return torch.where(target_mask[1:], lp, torch.zeros_like(lp)).double().sum()
+        def logprob(params, ids, positions, keep):
+            # The head only at the positions that predict a target token, where the
+            # model's forward can say so (``logits_to_keep``): the same rows of the
+            # same matmul as the full logits, a quarter of a tiny model's forward.
+            logits = self._call(params, ids[None], positions if self.keeps_logits else None)[0].float()
+            if not self.keeps_logits:
+                logits = logits.index_select(0, positions)
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, ids.index_select(0, positions + 1)[:, None])[:, 0]
+            return torch.where(keep, lp, torch.zeros_like(lp)).double().sum()
 
         trainable = set(self.step.names)
         self._grads = vmap(grad(lambda p, f, ids, labels: loss({**f, **p}, ids, labels)),
                            in_dims=(None, None, 0, 0))
         self._trainable = trainable
-        self._logprob = vmap(logprob, in_dims=(0, 0, 0))
+        # The input embedding's per-example gradient, batched, is a dense vocabulary ×
+        # width matrix per passage filled by a scatter (and, tied to the head, added to
+        # the head's): its rows are looked up here instead, the gradient taken at the
+        # looked-up rows and added into the head's gradient (or zeros) at their tokens.
+        self.embedding = _plain_embedding(model, trainable)
+        self._embed_grads = vmap(grad(lambda p, f, e, ids, labels: loss({**f, **p}, ids, labels, e),
+                                      argnums=(0, 2)), in_dims=(None, None, 0, 0, 0))
+        self._logprob = vmap(logprob, in_dims=(0, 0, 0, 0))
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def _call(self, params, input_ids):
+    def _call(self, params, input_ids, keep=None, embeds=None):
         config = self.model.config
         implementation = getattr(config, "_attn_implementation", None)
         # Fused attention kernels have no vmap rule (torch loops over the batch);
         # the model's plain attention is batched matmuls.
         if implementation not in (None, "eager"):
             config._attn_implementation = "eager"
+        kwargs = {"attention_mask": _ones(input_ids.shape[-1], self.device)}
+        if keep is not None:
+            kwargs["logits_to_keep"] = keep
+        if embeds is None:
+            kwargs["input_ids"] = input_ids
+        else:
+            kwargs["inputs_embeds"] = embeds
         try:
-            return functional_call(self.model, params, (input_ids,),
-                                   {"attention_mask": _ones(input_ids.shape[-1], self.device)}).logits
+            with fused_activations(self.model):
+                return functional_call(self.model, params, (), kwargs).logits
         finally:
             if implementation not in (None, "eager"):
                 config._attn_implementation = implementation
@@ -245,9 +286,22 @@ class BatchedTailPatch:
         base = self.step.base
         train = {n: base[n] for n in self._trainable}
         fixed = {n: t for n, t in base.items() if n not in self._trainable}
+        ids, labels = ids.to(self.device), labels.to(self.device)
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
-            return self._grads(train, fixed, ids.to(self.device), labels.to(self.device))
+            if self.embedding is None:
+                return self._grads(train, fixed, ids, labels)
+            name, padding_idx = self.embedding
+            weight = base[name]
+            grads, rows = self._embed_grads(train, fixed, weight[ids], ids, labels)
+        if padding_idx is not None:  # nn.Embedding leaves its padding row's gradient at zero
+            rows = rows.masked_fill_((ids == padding_idx)[..., None], 0.0)
+        size, vocab = ids.shape[0], weight.shape[0]
+        into = grads[name].contiguous()
+        offsets = ids + torch.arange(size, device=ids.device)[:, None] * vocab
+        into.view(size * vocab, -1).index_add_(0, offsets.view(-1), rows.reshape(-1, weight.shape[1]))
+        grads[name] = into
+        return grads
 
     @torch.no_grad()
     def log_probs(self, params: dict[str, torch.Tensor], index: Sequence[int],
@@ -260,11 +314,18 @@ class BatchedTailPatch:
         if len(widths) != 1:
             raise ValueError("BatchedTailPatch.log_probs: queries of one call must share their padded width")
         width = widths.pop()
+        # Each row's positions whose logits predict its target tokens, padded (and
+        # masked out) to the call's longest target by repeating its last one.
+        most = max(n_target for _, n_target in queries)
         ids = torch.full((len(queries), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(queries), width), dtype=torch.bool)
+        positions = torch.zeros((len(queries), most), dtype=torch.long)
+        keep = torch.zeros((len(queries), most), dtype=torch.bool)
         for row, (q, n_target) in enumerate(queries):
             ids[row, :len(q)] = torch.tensor(list(q), dtype=torch.long)
-            mask[row, len(q) - n_target:len(q)] = True
+            first = len(q) - n_target - 1
+            positions[row] = torch.arange(first, first + most).clamp_(max=len(q) - 2)
+            keep[row, :n_target] = True
+        ids, positions, keep = ids.to(self.device), positions.to(self.device), keep.to(self.device)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
             if params is self.step.base:
@@ -272,14 +333,14 @@ class BatchedTailPatch:
                 # computation of its own shape (vmapped over the set, expanded, not
                 # copied), as after a step: a value never depends on its companions.
                 params = {n: t.expand(len(queries), *t.shape) for n, t in params.items()}
-                return self._logprob(params, ids.to(self.device), mask.to(self.device)).tolist()
+                return self._logprob(params, ids, positions, keep).tolist()
             first = index[0]
             if list(index) == list(range(first, first + len(index))):  # a run: read in place
                 params = {n: t[first:first + len(index)] for n, t in params.items()}
             else:  # a copy of each pair's parameters
                 pick = torch.tensor(list(index), dtype=torch.long, device=self.device)
                 params = {n: t.index_select(0, pick) for n, t in params.items()}
-            return self._logprob(params, ids.to(self.device), mask.to(self.device)).tolist()
+            return self._logprob(params, ids, positions, keep).tolist()
 
     def base_params(self) -> dict[str, torch.Tensor]:
         """The checkpoint's own parameters (log_probs then reads them once for every query)."""
@@ -299,6 +360,20 @@ def query_width(length: int, max_width: int | None) -> int:
 def passage_width(length: int, max_width: int | None = None) -> int:
     """A passage's padded length: a multiple of :data:`PASSAGE_WIDTH`, a function of the passage alone."""
     return _padded(length, PASSAGE_WIDTH, max_width)
+
+
+def _plain_embedding(model, trainable: set[str]) -> tuple[str, int | None] | None:
+    """(parameter name, padding index) of the model's input embedding where its rows can be
+    looked up outside the model (a plain ``nn.Embedding`` whose forward takes
+    ``inputs_embeds``, trained in the step), else None."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if type(embedding) is not torch.nn.Embedding or embedding.max_norm is not None \
+            or "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        return None
+    names = [n for n, p in model.named_parameters() if p is embedding.weight]
+    if len(names) != 1 or names[0] not in trainable:
+        return None
+    return names[0], embedding.padding_idx
 
 
 def _unreached(model, passage: Sequence[int], device) -> set[str]:

@@ -35,7 +35,7 @@ from ..io import ArtifactError, atomic_write_json_checked, read_json_checked
 from ..lm.data import context_length, pad_token_id, passage_ids, query_ids
 from ..lm.evaluate import score_targets
 from ..lm.pretrain import train_step
-from .batched_step import DEFAULT_MEMORY_BYTES, BatchedTailPatch, Unsupported, passage_width, query_width
+from .batched_step import DEFAULT_MEMORY_BYTES, KERNELS, BatchedTailPatch, Unsupported, passage_width, query_width
 
 TAIL_PATCH_KS = (1, 3, 5, 10)
 log = logging.getLogger("trackstar")
@@ -317,7 +317,7 @@ def _after_and_before(checkpoint, by_id, encoded, needed, texts, passages, progr
     else:
         before = dict(zip(by_id, _measure_one_by_one(model, tok, by_id, list(by_id)), strict=True))
 
-    cache = _AfterCache(cache_dir, "batched" if engine is not None else "sequential")
+    cache = _AfterCache(cache_dir, KERNELS if engine is not None else "sequential")
     after: dict[tuple[str, str], float] = {}
     todo: dict[str, list[str]] = {}
     for pid, qids in needed.items():
