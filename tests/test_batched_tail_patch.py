@@ -214,3 +214,45 @@ def test_head_at_target_positions_equals_the_full_logits(micro_world, checkpoint
             logits = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
         plain = sum(float(logits[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids)))
         assert lp == pytest.approx(plain, rel=1e-5, abs=1e-5)
+
+
+class _ScalesLookedUpRows(GPT2LMHeadModel):
+    """A forward that treats ``inputs_embeds`` unlike the rows its ids would give."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, logits_to_keep=0, **kwargs):
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds * 2.0
+        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep,
+                               **kwargs)
+
+
+class _KeepsOnlyAnInt(GPT2LMHeadModel):
+    """A forward whose ``logits_to_keep`` takes a count only."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, logits_to_keep=0, **kwargs):
+        if torch.is_tensor(logits_to_keep):
+            raise TypeError("logits_to_keep must be an int")
+        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep,
+                               **kwargs)
+
+
+@pytest.mark.parametrize("cls", [_ScalesLookedUpRows, _KeepsOnlyAnInt])
+def test_shortcuts_a_model_does_not_honour_are_dropped(micro_world, checkpoint, cls):
+    """probe() checks both shortcuts against the model's own forward; the values still equal
+    the one-at-a-time step where a model does not honour one of them."""
+    ck = _tiny_adamw_checkpoint(micro_world, checkpoint, 0.0)
+    model = cls(ck.model.config).eval()
+    model.load_state_dict(ck.model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt.load_state_dict(ck.optimizer.state_dict())
+    ck = Checkpoint(model=model, tokenizer=ck.tokenizer, optimizer=opt, learning_rate=ck.learning_rate)
+    sample = passage_ids(ck.tokenizer, micro_world.sentences[0]["text"], 64)
+    engine = BatchedTailPatch(model, opt, ck.learning_rate, sample, ck.tokenizer.pad_token_id)
+    assert engine.embedding is not None and engine.keeps_logits  # both on before the probe
+    engine.probe(sample)
+    if cls is _ScalesLookedUpRows:
+        assert engine.embedding is None and engine.keeps_logits
+    else:
+        assert engine.embedding is not None and not engine.keeps_logits
+    queries, props = _proponents(micro_world, n_queries=3, per_query=3)
+    _close(tail_patch(ck, queries, props, progress=False, batched=False), tail_patch(ck, queries, props, progress=False))

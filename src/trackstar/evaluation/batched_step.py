@@ -19,14 +19,17 @@ forward, a restore. Here a chunk of proponents is stepped together:
    real token see the padding after it, and the shape of a pair's
    computation never depends on which other pairs share its batch.
 
-Three shortcuts that compute the same functions (:data:`KERNELS` names them):
+Four shortcuts that compute the same functions (:data:`KERNELS` names them):
 the vocabulary head runs only at the positions that predict a target token
 (``logits_to_keep``, where the model's forward takes it); the input
 embedding's rows are looked up outside the vmapped call and their gradient
 added into the embedding's at the passage's tokens (batched, the embedding's
 own backward zero-fills and scatters a vocabulary-wide matrix per passage);
 GPT-2's tanh-GELU and Llama's RMSNorm run as one kernel each
-(:func:`~trackstar.attribution.fused.fused_activations`).
+(:func:`~trackstar.attribution.fused.fused_activations`); Adafactor divides
+by √row and √col in turn where no product of the two falls below its floor.
+:meth:`BatchedTailPatch.probe` checks the first two against the model's own
+forward and drops either where the model does not honour it.
 
 The results equal the one-at-a-time step within float tolerance (float32
 rounding: the kernels differ). Optimizers without a functional step here, or
@@ -36,6 +39,7 @@ models whose forward cannot be vmapped, take the one-at-a-time path.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -50,10 +54,12 @@ from ..lm.data import IGNORE_INDEX, context_length
 #: The batched path's values agree with the one-at-a-time step's within float tolerance,
 #: not to the bit; this names the kernels behind them, so a cache keeps each version's
 #: values apart. 2: the head only at target positions, the input embedding's rows looked
-#: up outside the vmapped call, fused tanh-GELU and RMSNorm (values within ~1e-6 of 1's).
+#: up outside the vmapped call, fused tanh-GELU and RMSNorm, Adafactor's update in two
+#: passes (values within ~2e-6 in log p of 1's).
 KERNELS = "batched-2"
 QUERY_WIDTH = 16
 PASSAGE_WIDTH = 8
+log = logging.getLogger("trackstar")
 DEFAULT_MEMORY_BYTES = 1 << 30
 MAX_CHUNK = 64
 # torch warns when an operation (CPU flash attention) has no vmap rule and runs in a loop:
@@ -216,8 +222,8 @@ class BatchedTailPatch:
 
         def logprob(params, ids, positions, keep):
             # The head only at the positions that predict a target token, where the
-            # model's forward can say so (``logits_to_keep``): the same rows of the
-            # same matmul as the full logits, a quarter of a tiny model's forward.
+            # model's forward can say so (``logits_to_keep``): the full logits' rows
+            # (float rounding apart), a quarter of a tiny model's forward saved.
             logits = self._call(params, ids[None], positions if self.keeps_logits else None)[0].float()
             if not self.keeps_logits:
                 logits = logits.index_select(0, positions)
@@ -260,8 +266,40 @@ class BatchedTailPatch:
                 config._attn_implementation = implementation
 
     def probe(self, passage: Sequence[int]) -> None:
-        """Raise (RuntimeError) if this model's forward and backward cannot run under vmap."""
+        """Raise (RuntimeError) if this model's forward and backward cannot run under vmap.
+
+        The two shortcuts that lean on the model's forward are checked on the
+        passage first and dropped (said in the log) where it does not honour
+        them: rows looked up outside must give the loss that token ids give,
+        and ``logits_to_keep`` must take a tensor of positions.
+        """
+        ids = torch.tensor(list(passage), dtype=torch.long, device=self.device)
+        if self.embedding is not None:
+            name = self.embedding[0]
+            with torch.no_grad():
+                by_ids = self._call(self.step.base, ids[None]).float()
+                by_rows = self._call(self.step.base, ids[None], embeds=self.step.base[name][ids][None]).float()
+            if not torch.allclose(by_ids, by_rows, rtol=1e-4, atol=1e-5):
+                log.info("tail-patch: %s's forward does not give the same logits for looked-up rows; "
+                         "its embedding's gradient is taken in the vmapped call", type(self.model).__name__)
+                self.embedding = None
         self._gradients([passage])
+        if self.keeps_logits:
+            query = [(list(passage[:QUERY_WIDTH]), 1)]
+            try:
+                kept = self.log_probs(self.base_params(), [0], query)
+            except (TypeError, ValueError, IndexError, RuntimeError) as exc:
+                log.info("tail-patch: %s's logits_to_keep does not take positions (%s); the head runs "
+                         "at every position", type(self.model).__name__, exc)
+                self.keeps_logits = False
+            else:
+                self.keeps_logits = False
+                full = self.log_probs(self.base_params(), [0], query)
+                self.keeps_logits = math.isclose(kept[0], full[0], rel_tol=1e-4, abs_tol=1e-5)
+                if not self.keeps_logits:
+                    log.info("tail-patch: %s's logits_to_keep changes the target's log-probability "
+                             "(%.6g against %.6g); the head runs at every position",
+                             type(self.model).__name__, kept[0], full[0])
 
     def stepped(self, passages: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Parameters after one step on each passage (all of one padded width), stacked.
