@@ -32,7 +32,7 @@ from .publish import publish
 from .render import table_provenance, to_markdown, write_table
 from .report import REPORT_FILE, report_data, write_report
 from .runs import (RunSet, TablesError, check_commits, check_one_style, describe_commits, load_local_runs,
-                   load_wandb_runs)
+                   load_wandb_runs, unfinished_lines)
 
 FIGURES = ("figure2",)
 
@@ -137,6 +137,7 @@ def generate(args: argparse.Namespace, command: str) -> int:
             check_one_style(other.frame, other.source)
             judged.append((label, findings(paired_of(other.frame, names, args.strict), other.frame)))
             provenance.append(f"Compared with {label}: {other.source}, git commit(s): {describe_commits(other.commits)}")
+            provenance += [f"{label}: {line}" for line in unfinished_lines(other.unfinished)]
         text = findings_markdown(judged, provenance)
         atomic_write_text(out / "findings.md", text)
         print(text)
@@ -208,6 +209,10 @@ def write_index(out: Path, made: list, skipped: list[str], runs: RunSet, command
     ]
     if len(runs.commits) > 1:
         lines += ["", "**WARNING: the runs come from more than one commit; see each file's provenance.**"]
+    if runs.unfinished:
+        lines += ["", f"**WARNING: incomplete sweeps: {len(runs.unfinished)} planned job(s) have no run record, so "
+                      "the outputs of their sweeps lack their rows or points:**", ""]
+        lines += [f"- {line}" for line in runs.unfinished]
     lines += ["", "| output | content | runs |", "|---|---|---:|"]
     for name, table in made:
         files = f"[{name}.md]({name}.md), [.tex]({name}.tex), [.csv]({name}.csv)"
