@@ -79,7 +79,7 @@ class Provenance:
 def table_provenance(table: PaperTable, command: str, runs) -> Provenance:
     """``runs``: the :class:`~trackstar.tables.runs.RunSet` the table was built from."""
     return Provenance(command, runs.source, table.runs, table.commits, table.note, table.superseded, runs.commits,
-                      runs.environments, list(getattr(runs, "unfinished", [])))
+                      runs.environments, list(runs.unfinished))
 
 
 def _present(value) -> bool:
